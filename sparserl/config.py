@@ -1,0 +1,325 @@
+"""Configuration: typed, frozen dataclasses built from YAML presets plus ``key=value`` overrides.
+
+Every key a user can set is a field below (dotted for nested sections, e.g. ``critic.width``).
+The whole config is validated before any compute; a bad value raises :class:`ConfigError` with one
+line naming the key and what is allowed. Configs are frozen and hashable, so they can be passed to
+``jax.jit`` as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration (reported as one line, exit code 2)."""
+
+
+def _opt(default, *, choices=None, low=None, high=None, low_open=False, high_open=False, doc=""):
+    return field(default=default, metadata=dict(choices=choices, low=low, high=high,
+                                                low_open=low_open, high_open=high_open, doc=doc))
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    width: int = _opt(128, low=1, doc="hidden width H of the actor encoder")
+    blocks: int = _opt(1, low=1, doc="residual blocks (simba) or extra hidden layers (mlp)")
+    sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    width: int = _opt(512, low=1, doc="hidden width H of the critic encoder")
+    blocks: int = _opt(2, low=1, doc="residual blocks (simba) or extra hidden layers (mlp)")
+    sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
+    cdq: bool = _opt(False, doc="clipped double-Q (two critics, min target); off on DMC per the paper")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    method: str = _opt("erk", choices=("erk", "uniform"), doc="per-layer allocation of the sparsity budget")
+    budget: str = _opt("all", choices=("all", "kernels"),
+                       doc="count the budget over all parameters (paper's code) or kernels only")
+    draw: str = _opt("exact", choices=("exact", "bernoulli"),
+                     doc="exact: each tensor keeps round((1-s)n) weights; bernoulli: i.i.d. draws (paper's code)")
+    seed: int | None = _opt(None, low=0, doc="mask seed; default derived from `seed` (separate from init)")
+
+
+@dataclass(frozen=True)
+class SACConfig:
+    temperature_init: float = _opt(0.01, low=0.0, low_open=True, doc="initial entropy temperature")
+    target_entropy_scale: float = _opt(0.5, low=0.0, doc="target entropy = -scale * |A|")
+    log_std_min: float = _opt(-10.0, doc="lower bound of the squashed log-std")
+    log_std_max: float = _opt(2.0, doc="upper bound of the squashed log-std")
+
+
+@dataclass(frozen=True)
+class DDPGConfig:
+    noise_std: float = _opt(0.1, low=0.0, doc="std of the Gaussian exploration noise")
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: str = _opt("sac", choices=("sac", "ddpg"), doc="learning algorithm")
+    env: str = _opt("humanoid-run", doc="DMC task as domain-task, or a Gymnasium id as gym:Id")
+    seed: int = _opt(0, low=0, doc="seed of initialisation, environments and sampling")
+    env_steps: int = _opt(1_000_000, low=1, doc="environment steps to train for (before action repeat)")
+    action_repeat: int = _opt(2, low=1, doc="environment steps per agent step")
+    utd: int = _opt(2, low=1, doc="gradient updates per agent step")
+    batch_size: int = _opt(256, low=1, doc="minibatch size")
+    buffer_size: int = _opt(1_000_000, low=1, doc="replay capacity (agent transitions)")
+    warmup_steps: int = _opt(5_000, low=0, doc="random-action agent steps before learning")
+    lr: float = _opt(1e-4, low=0.0, low_open=True, doc="AdamW learning rate (actor, critic, temperature)")
+    weight_decay: float = _opt(1e-2, low=0.0, doc="AdamW decoupled weight decay (kernels only)")
+    gamma: float = _opt(0.99, low=0.0, high=1.0, doc="discount")
+    tau: float = _opt(0.005, low=0.0, high=1.0, doc="Polyak rate of the target critic")
+    arch: str = _opt("simba", choices=("simba", "mlp"), doc="network architecture of actor and critic")
+    obs_norm: bool = _opt(True, doc="normalise observations by running mean/std")
+    eval_every: int = _opt(10_000, low=1, doc="evaluate every this many env steps")
+    eval_episodes: int = _opt(10, low=1, doc="episodes per periodic evaluation")
+    final_eval_episodes: int = _opt(100, low=1, doc="episodes of the final evaluation")
+    run_dir: str | None = _opt(None, doc="output directory; default runs/<name>")
+    name: str | None = _opt(None, doc="run name; default built from agent, env, sizes, sparsities, seed")
+    overwrite: bool = _opt(False, doc="replace an existing run directory")
+    progress: bool = _opt(True, doc="show a progress bar")
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    sac: SACConfig = field(default_factory=SACConfig)
+    ddpg: DDPGConfig = field(default_factory=DDPGConfig)
+
+    @property
+    def mask_seed(self) -> int:
+        return self.seed if self.sparsity.seed is None else self.sparsity.seed
+
+    @property
+    def agent_steps(self) -> int:
+        return self.env_steps // self.action_repeat
+
+    def default_name(self) -> str:
+        a, c = self.actor, self.critic
+        return (f"{self.agent}-{self.env.replace(':', '_')}-a{a.width}x{a.blocks}s{a.sparsity:g}"
+                f"-c{c.width}x{c.blocks}s{c.sparsity:g}-seed{self.seed}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / (self.name or self.default_name())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema walking: dotted keys, types, documentation
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def schema(cls=Config, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Flat mapping ``dotted.key -> (type, field)`` of every leaf option."""
+    out = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out.update(schema(tp, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = (tp, f)
+    return out
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    return name + (" or null" if args else "")
+
+
+def _convert(key: str, value: Any, tp) -> Any:
+    """Convert a YAML/CLI value to the field's type or raise a one-line ConfigError."""
+    optional = type(None) in typing.get_args(tp)
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if isinstance(value, str) and optional and value.lower() in ("null", "none", "~", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; expected {_type_name(tp)}")
+    bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise bad
+    if base is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+            if number.is_integer():  # accepts 1e6 and 1_000_000
+                return int(number)
+        raise bad
+    if base is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise AssertionError(f"unsupported type {tp}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return
+    ok = True
+    if low is not None:
+        ok &= value > low if meta.get("low_open") else value >= low
+    if high is not None:
+        ok &= value < high if meta.get("high_open") else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        lb = "(" if meta.get("low_open") or low is None else "["
+        rb = ")" if meta.get("high_open") or high is None else "]"
+        raise ConfigError(f"{key}={value!r}: must be in {lb}{lo}, {hi}{rb}")
+
+
+def suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + str(k) + "."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{arg!r}: overrides are key=value (e.g. critic.sparsity=0.9)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset {str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {str(path)!r}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {str(path)!r}: expected a mapping of config keys")
+    return flatten(data)
+
+
+def build(values: dict[str, Any], base: Config | None = None, check_env: bool = True) -> Config:
+    """Apply flat ``dotted.key -> value`` settings on ``base`` (default: defaults) and validate."""
+    keys = schema()
+    nested: dict[str, Any] = (base or Config()).to_dict()
+    for key, raw in values.items():
+        if key not in keys:
+            raise ConfigError(f"unknown key {key!r}{suggest(key, keys)}")
+        tp, f = keys[key]
+        value = _convert(key, raw, tp)
+        _check_range(key, value, f.metadata)
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg = _from_dict(Config, nested)
+    validate(cfg, check_env=check_env)
+    return cfg
+
+
+def _from_dict(cls, data: dict):
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = data[f.name]
+        kwargs[f.name] = _from_dict(hints[f.name], v) if _is_section(hints[f.name]) else v
+    return cls(**kwargs)
+
+
+def validate(cfg: Config, check_env: bool = True) -> None:
+    """Checks that span several keys (single-key ranges are checked on assignment)."""
+    for key, (tp, f) in schema().items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        _check_range(key, value, f.metadata)
+    if cfg.env_steps < cfg.action_repeat:
+        raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")
+    if cfg.sac.log_std_min >= cfg.sac.log_std_max:
+        raise ConfigError(f"sac.log_std_min={cfg.sac.log_std_min}: must be below sac.log_std_max={cfg.sac.log_std_max}")
+    if check_env:
+        from sparserl import envs
+
+        envs.check_env_name(cfg.env)
+
+
+def from_args(preset: str | None, overrides: list[str], check_env: bool = True) -> Config:
+    values = load_preset(preset) if preset else {}
+    values.update(parse_overrides(overrides))
+    return build(values, check_env=check_env)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def reference_table() -> str:
+    """Markdown table of every key, its default and meaning (used for docs/config.md)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    defaults = flatten(Config().to_dict())
+    for key, (tp, f) in schema().items():
+        m = f.metadata
+        allowed = ", ".join(m["choices"]) if m.get("choices") else _type_name(tp)
+        rows.append(f"| `{key}` | `{defaults[key]}` | {allowed} | {m.get('doc', '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,101 @@
+"""Networks as pure functions of ``(params, x)``; parameters are nested dicts of arrays.
+
+* SimBa encoder (``arch='simba'``): ``Dense(H)`` embedding (orthogonal init, no activation), then
+  N residual blocks ``x + Dense_H(ReLU(Dense_4H(LayerNorm(x))))`` (He-normal, zero bias), then a
+  final LayerNorm. Parameters: ``(in+1)H + N(8H^2 + 7H) + 2H``.
+* MLP baseline (``arch='mlp'``): ``Dense(H)+ReLU`` followed by N more ``Dense(H)+ReLU`` layers.
+
+Kernels are stored as (in, out), so ``x @ kernel``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_orthogonal = jax.nn.initializers.orthogonal
+_he_normal = jax.nn.initializers.he_normal()
+
+
+def init_dense(key, in_dim: int, out_dim: int, kernel_init=None) -> dict:
+    kernel_init = kernel_init or _orthogonal()
+    return {"kernel": kernel_init(key, (in_dim, out_dim), jnp.float32), "bias": jnp.zeros((out_dim,), jnp.float32)}
+
+
+def dense(p: dict, x: jax.Array) -> jax.Array:
+    return x @ p["kernel"] + p["bias"]
+
+
+def init_layer_norm(dim: int) -> dict:
+    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def layer_norm(p: dict, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def init_encoder(key, in_dim: int, width: int, blocks: int, arch: str = "simba") -> dict:
+    keys = jax.random.split(key, 2 * blocks + 1)
+    params = {"embed": init_dense(keys[0], in_dim, width)}
+    for i in range(blocks):
+        if arch == "simba":
+            params[f"block{i}"] = {
+                "norm": init_layer_norm(width),
+                "hidden": init_dense(keys[2 * i + 1], width, 4 * width, _he_normal),
+                "out": init_dense(keys[2 * i + 2], 4 * width, width, _he_normal),
+            }
+        elif arch == "mlp":
+            params[f"layer{i}"] = init_dense(keys[2 * i + 1], width, width, _he_normal)
+        else:
+            raise ValueError(f"arch={arch!r}: must be simba or mlp")
+    if arch == "simba":
+        params["final_norm"] = init_layer_norm(width)
+    return params
+
+
+def encoder(params: dict, x: jax.Array) -> jax.Array:
+    """Apply a SimBa or MLP encoder (the architecture is read from the parameter names)."""
+    if "final_norm" in params:  # SimBa
+        h = dense(params["embed"], x)
+        i = 0
+        while f"block{i}" in params:
+            b = params[f"block{i}"]
+            h = h + dense(b["out"], jax.nn.relu(dense(b["hidden"], layer_norm(b["norm"], h))))
+            i += 1
+        return layer_norm(params["final_norm"], h)
+    h = jax.nn.relu(dense(params["embed"], x))
+    i = 0
+    while f"layer{i}" in params:
+        h = jax.nn.relu(dense(params[f"layer{i}"], h))
+        i += 1
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# Critic Q(s, a): encoder on concat(obs, action) + a dense H->1 head; several for clipped double-Q.
+
+
+def init_critic(key, obs_dim: int, action_dim: int, width: int, blocks: int, arch: str, num_q: int = 1) -> dict:
+    params = {}
+    for i, k in enumerate(jax.random.split(key, num_q)):
+        k_enc, k_head = jax.random.split(k)
+        params[f"q{i}"] = {"encoder": init_encoder(k_enc, obs_dim + action_dim, width, blocks, arch),
+                           "head": init_dense(k_head, width, 1)}
+    return params
+
+
+def critic_always_dense(params: dict) -> tuple[str, ...]:
+    """The critic's H->1 heads stay dense (reference semantics, PAPER.md §2)."""
+    return tuple(f"{q}/head" for q in params)
+
+
+def critic(params: dict, obs: jax.Array, action: jax.Array) -> jax.Array:
+    """Q-values, shape (num_q, batch)."""
+    x = jnp.concatenate([obs, action], -1)
+    return jnp.stack([dense(p["head"], encoder(p["encoder"], x))[..., 0] for p in params.values()])
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,176 @@
+"""Static sparsity: one-shot random masks for any parameter pytree, and keeping pruned weights at 0.
+
+The single mask implementation used by every agent (PAPER.md §2):
+
+* :func:`allocate` decides each tensor's keep-density — ``erk`` (Erdős–Rényi-Kernel: density
+  proportional to ``sum(shape)/prod(shape)``, scaled so the kept total is ``(1-S)`` of the budget)
+  or ``uniform`` (every prunable tensor at ``S``).
+* :func:`make_mask` draws the mask once (``exact`` count or i.i.d. ``bernoulli``).
+* :func:`keep_masked` is an optax transformation that zeroes the update of pruned weights; chained
+  after AdamW, decoupled weight decay cannot move them either (:func:`sparse_adamw`).
+
+What is prunable: tensors with two or more dimensions (dense and conv kernels) not named in
+``always_dense``. 1-D tensors (biases, LayerNorm scale/bias) are never pruned, whatever ``S`` — the
+paper's code pruned LayerNorm at S >= ~0.98, a defect we do not copy. Mask leaves of unprunable
+tensors are the scalar ``True`` (broadcasts, costs no memory).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+_MASK_STREAM = 0x5A_5E  # separates the mask RNG stream from the init stream of the same seed
+
+
+def leaf_name(path) -> str:
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+    return "/".join(parts)
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(leaf_name(path), leaf) for path, leaf in leaves]
+
+
+def is_prunable(name: str, shape: tuple[int, ...], always_dense: Iterable[str] = ()) -> bool:
+    return len(shape) >= 2 and not any(name == d or name.startswith(d + "/") for d in always_dense)
+
+
+def allocate(shapes: dict[str, tuple[int, ...]], sparsity: float, method: str = "erk",
+             budget: str = "all", always_dense: Iterable[str] = ()) -> dict[str, float]:
+    """Keep-density (fraction of weights kept) per tensor name.
+
+    ``budget='all'`` counts every parameter (biases, LayerNorm) toward the total, as the paper's
+    code does; ``budget='kernels'`` counts only tensors with >= 2 dims (always-dense kernels
+    included), so exactly ``(1-S)`` of all kernel weights are kept.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity}: must be in [0, 1)")
+    always_dense = tuple(always_dense)
+    prunable = {n for n, s in shapes.items() if is_prunable(n, s, always_dense)}
+    density = {n: 1.0 for n in shapes}
+    if sparsity == 0.0 or not prunable:
+        return density
+    if method == "uniform":
+        return {n: (1.0 - sparsity if n in prunable else 1.0) for n in shapes}
+    if method != "erk":
+        raise ValueError(f"sparsity.method={method!r}: must be erk or uniform")
+    if budget not in ("all", "kernels"):
+        raise ValueError(f"sparsity.budget={budget!r}: must be all or kernels")
+
+    counted = {n: s for n, s in shapes.items() if budget == "all" or len(s) >= 2}
+    size = {n: math.prod(s) for n, s in shapes.items()}
+    score = {n: sum(shapes[n]) / size[n] for n in prunable}
+    keep_total = (1.0 - sparsity) * sum(size[n] for n in counted)
+    dense = set(counted) - prunable  # fixed dense tensors spend budget first
+    while True:
+        free = [n for n in prunable if n not in dense]
+        if not free:
+            break
+        remaining = keep_total - sum(size[n] for n in dense)
+        eps = remaining / sum(score[n] * size[n] for n in free)
+        if eps <= 0:
+            raise ValueError(f"sparsity={sparsity}: the always-dense parameters alone exceed the "
+                             f"{1 - sparsity:.3g} keep budget; lower the sparsity or use sparsity.budget=kernels")
+        top = max(score[n] for n in free)
+        if eps * top <= 1.0:
+            for n in free:
+                density[n] = eps * score[n]
+            break
+        dense.update(n for n in free if score[n] == top)  # saturated: make dense and rescale
+    return density
+
+
+def draw(key: jax.Array, shape: tuple[int, ...], density: float, method: str = "exact") -> jax.Array:
+    """A boolean mask of ``shape`` keeping about ``density`` of the entries."""
+    if density >= 1.0:
+        return jnp.ones(shape, bool)
+    n = math.prod(shape)
+    if method == "bernoulli":
+        return jax.random.bernoulli(key, density, shape)
+    if method != "exact":
+        raise ValueError(f"sparsity.draw={method!r}: must be exact or bernoulli")
+    keep = int(round(density * n))
+    kept = jax.random.permutation(key, n)[:keep]
+    return jnp.zeros((n,), bool).at[kept].set(True).reshape(shape)
+
+
+def module_key(mask_seed: int, module: str) -> jax.Array:
+    """The mask key of one module: separable from the init seed, distinct per module."""
+    base = jax.random.fold_in(jax.random.PRNGKey(mask_seed), _MASK_STREAM)
+    return jax.random.fold_in(base, zlib.crc32(module.encode()) & 0x7FFFFFFF)
+
+
+def make_mask(key: jax.Array, params: PyTree, sparsity: float, method: str = "erk",
+              budget: str = "all", draw_method: str = "exact", always_dense: Iterable[str] = ()) -> PyTree:
+    """One mask per parameter pytree: boolean arrays for prunable tensors, scalar True elsewhere."""
+    always_dense = tuple(always_dense)
+    named = named_leaves(params)
+    shapes = {n: tuple(x.shape) for n, x in named}
+    density = allocate(shapes, sparsity, method, budget, always_dense)
+    leaves = []
+    for i, (name, x) in enumerate(named):
+        if is_prunable(name, shapes[name], always_dense) and density[name] < 1.0:
+            leaves.append(draw(jax.random.fold_in(key, i), shapes[name], density[name], draw_method))
+        else:
+            leaves.append(jnp.ones((), bool))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+
+
+def apply_mask(tree: PyTree, mask: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, mask)
+
+
+def keep_masked(mask: PyTree) -> optax.GradientTransformation:
+    """Zero the updates of pruned weights. Chain it *after* the optimizer (incl. weight decay)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return apply_mask(updates, mask), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def kernels_only(params: PyTree) -> PyTree:
+    """Weight-decay mask: decay kernels, not biases or LayerNorm parameters."""
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+
+
+def sparse_adamw(lr: float, weight_decay: float, mask: PyTree) -> optax.GradientTransformation:
+    """AdamW whose final update is masked, so pruned weights stay exactly zero."""
+    return optax.chain(optax.adamw(lr, weight_decay=weight_decay, mask=kernels_only), keep_masked(mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def stats(params: PyTree, mask: PyTree) -> dict[str, Any]:
+    """Total / non-zero (kept) parameters and per-tensor sparsity; kernels are shaped (in, out)."""
+    layers, total, kept = [], 0, 0
+    for (name, x), (_, m) in zip(named_leaves(params), named_leaves(mask)):
+        size = int(np.prod(x.shape))
+        nonzero = size if np.ndim(m) == 0 else int(np.asarray(m).sum())
+        total += size
+        kept += nonzero
+        layers.append({"name": name, "shape": list(map(int, x.shape)), "params": size,
+                       "nonzero": nonzero, "sparsity": 1.0 - nonzero / size})
+    return {"total_params": total, "nonzero_params": kept,
+            "sparsity": 1.0 - kept / total if total else 0.0, "layers": layers}
