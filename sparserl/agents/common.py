@@ -1,0 +1,89 @@
+"""Pieces shared by the off-policy agents: a sparse trainable module, the critic, targets, batches.
+
+A :class:`Module` is one network's parameters, its AdamW state and its fixed mask. Its optimizer is
+rebuilt from the config wherever it is needed (``sparse_adamw`` is a pure closure), so the mask
+travels with the state — it is checkpointed with it and stacks under ``vmap`` with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparserl import networks, sparsity
+from sparserl.config import Config
+
+
+class Module(NamedTuple):
+    params: Any
+    opt_state: Any
+    mask: Any
+
+
+class Batch(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    discount: jax.Array  # 0 at a true terminal state, 1 otherwise (time limits bootstrap)
+    next_obs: jax.Array
+
+
+class ObsStats(NamedTuple):
+    mean: jax.Array
+    std: jax.Array
+
+
+def normalize(obs: jax.Array, stats: ObsStats) -> jax.Array:
+    return (obs - stats.mean) / stats.std
+
+
+def optimizer(cfg: Config, mask) -> optax.GradientTransformation:
+    return sparsity.sparse_adamw(cfg.lr, cfg.weight_decay, mask)
+
+
+def init_module(cfg: Config, name: str, params, module_sparsity: float, always_dense=()) -> Module:
+    """Draw the module's mask (its own key, from the mask seed), prune the init, make AdamW state."""
+    mask = sparsity.make_mask(sparsity.module_key(cfg.mask_seed, name), params, module_sparsity,
+                              cfg.sparsity.method, cfg.sparsity.budget, cfg.sparsity.draw, always_dense)
+    params = sparsity.apply_mask(params, mask)
+    return Module(params, optimizer(cfg, mask).init(params), mask)
+
+
+def step_module(cfg: Config, module: Module, grads) -> tuple[Module, jax.Array]:
+    """One masked AdamW step; returns the new module and the gradient's global norm."""
+    updates, opt_state = optimizer(cfg, module.mask).update(grads, module.opt_state, module.params)
+    params = optax.apply_updates(module.params, updates)
+    return Module(params, opt_state, module.mask), optax.global_norm(grads)
+
+
+def init_critic(cfg: Config, key, obs_dim: int, action_dim: int) -> Module:
+    params = networks.init_critic(key, obs_dim, action_dim, cfg.critic.width, cfg.critic.blocks, cfg.arch,
+                                  num_q=2 if cfg.critic.cdq else 1)
+    return init_module(cfg, "critic", params, cfg.critic.sparsity, networks.critic_always_dense(params))
+
+
+def q_value(params, obs, action) -> jax.Array:
+    """min over the Q ensemble (a single Q unless clipped double-Q is on)."""
+    return networks.critic(params, obs, action).min(0)
+
+
+def critic_loss(params, obs, action, target_q) -> tuple[jax.Array, jax.Array]:
+    qs = networks.critic(params, obs, action)
+    return jnp.square(qs - target_q[None]).mean(1).sum(), qs.mean()
+
+
+def copy_tree(tree):
+    """Own buffers (the target starts equal to the online critic but must not alias it: buffers are donated)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def polyak(target, online, tau: float):
+    return jax.tree_util.tree_map(lambda t, o: (1 - tau) * t + tau * o, target, online)
+
+
+def scan_updates(update_step, state, batches: Batch, stats: ObsStats, cfg: Config):
+    """K gradient steps in one call: batches carry a leading axis K; metrics come back stacked."""
+    return jax.lax.scan(lambda s, b: update_step(s, b, stats, cfg), state, batches)

@@ -1,0 +1,158 @@
+"""Environments: DeepMind Control tasks (``domain-task``) and Gymnasium ids (``gym:Id``).
+
+Both come out with the same small interface: flat float32 observations, actions in [-1, 1]
+(rescaled to the task's bounds), action repeat (rewards summed), and ``step`` returning
+``(obs, reward, terminated, truncated)``. DMC episodes are 1000 env steps and end by time limit
+(truncated, so the critic bootstraps); a DMC step with discount 0 is a true termination.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from sparserl.config import ConfigError, suggest
+
+# Headless rendering on a machine without a display; harmless for state-based tasks.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+GYM_PREFIX = "gym:"
+
+
+@lru_cache(maxsize=1)
+def dmc_task_names() -> tuple[str, ...]:
+    from dm_control import suite
+
+    return tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
+
+
+def gym_env_ids() -> list[str]:
+    import gymnasium
+
+    return list(gymnasium.envs.registry.keys())
+
+
+def check_env_name(name: str) -> None:
+    if name.startswith(GYM_PREFIX):
+        ids = gym_env_ids()
+        if name[len(GYM_PREFIX):] not in ids:
+            hint = suggest(name[len(GYM_PREFIX):], ids)
+            raise ConfigError(f"env={name!r}: unknown Gymnasium id{hint.replace('mean ', 'mean gym:')}")
+        return
+    tasks = dmc_task_names()
+    if name not in tasks:
+        hint = suggest(name, tasks) or " (DMC tasks are domain-task, e.g. cartpole-balance; Gymnasium ids are gym:Id)"
+        raise ConfigError(f"env={name!r}: unknown environment{hint}")
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """Independent integer seeds for the train (stream 0) and evaluation (stream 1) environments."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+class Env:
+    """Action-repeated environment with flat observations and actions in [-1, 1]."""
+
+    obs_dim: int
+    action_dim: int
+
+    def reset(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        raise NotImplementedError
+
+
+def _flatten(observation) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float32).ravel() for v in observation.values()])
+
+
+class DMCEnv(Env):
+    def __init__(self, name: str, seed: int, action_repeat: int):
+        from dm_control import suite
+
+        domain, task = name.split("-", 1)
+        self._env = suite.load(domain, task, task_kwargs={"random": seed})
+        spec = self._env.action_spec()
+        self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
+        self.action_dim = int(spec.shape[0])
+        self.obs_dim = int(sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values()))
+        self.action_repeat = action_repeat
+
+    @property
+    def physics(self):
+        return self._env.physics
+
+    def reset(self) -> np.ndarray:
+        return _flatten(self._env.reset().observation)
+
+    def step(self, action):
+        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            ts = self._env.step(action)
+            reward += ts.reward or 0.0
+            if ts.last():
+                terminated = ts.discount == 0.0
+                return _flatten(ts.observation), reward, bool(terminated), not terminated
+        return _flatten(ts.observation), reward, False, False
+
+
+class GymEnv(Env):
+    def __init__(self, name: str, seed: int, action_repeat: int):
+        import gymnasium
+
+        self._env = gymnasium.make(name[len(GYM_PREFIX):])
+        space = self._env.action_space
+        self._low, self._high = space.low.astype(np.float64), space.high.astype(np.float64)
+        self.action_dim = int(np.prod(space.shape))
+        self.obs_dim = int(np.prod(self._env.observation_space.shape))
+        self.action_repeat = action_repeat
+        self._seed = seed
+
+    def reset(self) -> np.ndarray:
+        seed, self._seed = self._seed, None  # seed the first reset only; later resets continue its stream
+        obs, _ = self._env.reset(seed=seed)
+        return np.asarray(obs, np.float32).ravel()
+
+    def step(self, action):
+        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            obs, r, terminated, truncated, _ = self._env.step(action)
+            reward += float(r)
+            if terminated or truncated:
+                break
+        return np.asarray(obs, np.float32).ravel(), reward, bool(terminated), bool(truncated)
+
+
+def make(name: str, seed: int, action_repeat: int = 1) -> Env:
+    check_env_name(name)
+    if name.startswith(GYM_PREFIX):
+        return GymEnv(name, seed, action_repeat)
+    return DMCEnv(name, seed, action_repeat)
+
+
+class RunningMeanStd:
+    """Running mean/variance of observations (parallel-Welford update), kept on the host."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        self.mean = np.zeros(dim, np.float64)
+        self.var = np.ones(dim, np.float64)
+        self.count = 1e-4  # a tiny prior (mean 0, var 1) so the first update is well defined
+        self.eps = eps
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, self.mean.shape[0])
+        n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var + self.eps)

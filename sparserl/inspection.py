@@ -1,0 +1,70 @@
+"""``sparserl inspect``: parameter counts, per-layer sparsity and FLOPs of a config, without training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparserl import agents, envs
+from sparserl.agents.common import Batch, ObsStats
+from sparserl.config import Config
+
+
+def _layer_row(layer: dict) -> dict:
+    return {"name": layer["name"], "shape": layer["shape"], "sparsity": layer["sparsity"],
+            "params": layer["params"], "nonzero": layer["nonzero"]}
+
+
+def update_flops(cfg: Config, state, obs_dim: int, action_dim: int) -> float:
+    """FLOPs of one gradient step (XLA cost analysis of the compiled update, K=1)."""
+    agent = agents.get(cfg.agent)
+    b = cfg.batch_size
+    spec = jax.ShapeDtypeStruct
+    batches = Batch(spec((1, b, obs_dim), jnp.float32), spec((1, b, action_dim), jnp.float32),
+                    spec((1, b), jnp.float32), spec((1, b), jnp.float32), spec((1, b, obs_dim), jnp.float32))
+    stats = ObsStats(spec((obs_dim,), jnp.float32), spec((obs_dim,), jnp.float32))
+    compiled = jax.jit(agent.update, static_argnames="cfg").lower(state, batches, stats, cfg=cfg).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device program
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
+    from sparserl.train import model_stats
+
+    env = envs.make(cfg.env, 0, cfg.action_repeat)
+    state = agents.get(cfg.agent).init(cfg, env.obs_dim, env.action_dim)
+    report: dict[str, Any] = {"agent": cfg.agent, "env": cfg.env, "obs_dim": env.obs_dim,
+                              "action_dim": env.action_dim}
+    total = nonzero = 0
+    for name, s in model_stats(state).items():
+        report[name] = {"total_params": s["total_params"], "nonzero_params": s["nonzero_params"],
+                        "sparsity": s["sparsity"], "layers": [_layer_row(l) for l in s["layers"]]}
+        total += s["total_params"]
+        nonzero += s["nonzero_params"]
+    report["total_params"], report["nonzero_params"] = total, nonzero
+    report["flops_per_update"] = update_flops(cfg, state, env.obs_dim, env.action_dim) if flops else None
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['agent']} on {report['env']} (obs {report['obs_dim']}, action {report['action_dim']})"]
+    for name in ("actor", "critic"):
+        m = report[name]
+        lines.append("")
+        lines.append(f"{name}: {m['total_params']:,} params, {m['nonzero_params']:,} non-zero "
+                     f"(sparsity {m['sparsity']:.3f})")
+        width = max(len(l["name"]) for l in m["layers"])
+        lines.append(f"  {'layer':<{width}}  {'shape':>12}  {'params':>11}  {'non-zero':>11}  sparsity")
+        for l in m["layers"]:
+            shape = "x".join(map(str, l["shape"]))
+            lines.append(f"  {l['name']:<{width}}  {shape:>12}  {l['params']:>11,}  {l['nonzero']:>11,}  {l['sparsity']:.3f}")
+    lines.append("")
+    lines.append(f"total: {report['total_params']:,} params, {report['nonzero_params']:,} non-zero")
+    if report.get("flops_per_update") is not None:
+        lines.append(f"flops_per_update: {report['flops_per_update']:.4g} ({report['flops_per_update'] / 1e9:.2f} GFLOP)")
+    return "\n".join(lines)
