@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from sparserl import networks, sparsity
-from sparserl.config import Config
+from sparserl.config import Config, ConfigError
 
 
 class Module(NamedTuple):
@@ -46,8 +46,11 @@ def optimizer(cfg: Config, mask) -> optax.GradientTransformation:
 
 def init_module(cfg: Config, name: str, params, module_sparsity: float, always_dense=()) -> Module:
     """Draw the module's mask (its own key, from the mask seed), prune the init, make AdamW state."""
-    mask = sparsity.make_mask(sparsity.module_key(cfg.mask_seed, name), params, module_sparsity,
-                              cfg.sparsity.method, cfg.sparsity.budget, cfg.sparsity.draw, always_dense)
+    try:
+        mask = sparsity.make_mask(sparsity.module_key(cfg.mask_seed, name), params, module_sparsity,
+                                  cfg.sparsity.method, cfg.sparsity.budget, cfg.sparsity.draw, always_dense)
+    except ValueError as e:
+        raise ConfigError(f"{name}.{e}") from None
     params = sparsity.apply_mask(params, mask)
     return Module(params, optimizer(cfg, mask).init(params), mask)
 
