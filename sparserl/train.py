@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparserl import agents, envs, sparsity
-from sparserl.agents.common import ObsStats
+from sparserl.agents.common import ObsStats, normalize
 from sparserl.config import Config, ConfigError, to_yaml
 from sparserl.replay import ReplayBuffer
 
@@ -105,8 +105,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> dict[str, An
 
     @partial(jax.jit, static_argnames="deterministic")
     def policy_fn(actor_params, obs, obs_stats, step, deterministic):
-        obs = (obs - obs_stats.mean) / obs_stats.std
-        return agent.act(actor_params, obs[None], jax.random.fold_in(act_key, step), deterministic, cfg)[0]
+        return agent.act(actor_params, normalize(obs, obs_stats)[None], jax.random.fold_in(act_key, step), deterministic, cfg)[0]
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def learn(state, metric_sums, batches, obs_stats):

@@ -55,11 +55,15 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
     return Module(params, optimizer(cfg, mask).init(params), mask)
 
 
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def step_module(cfg: Config, module: Module, grads) -> tuple[Module, jax.Array]:
     """One masked AdamW step; returns the new module and the gradient's global norm."""
     updates, opt_state = optimizer(cfg, module.mask).update(grads, module.opt_state, module.params)
     params = optax.apply_updates(module.params, updates)
-    return Module(params, opt_state, module.mask), optax.global_norm(grads)
+    return Module(params, opt_state, module.mask), global_norm(grads)
 
 
 def init_critic(cfg: Config, key, obs_dim: int, action_dim: int) -> Module:

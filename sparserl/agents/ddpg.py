@@ -70,7 +70,7 @@ def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
 
     metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, q_mean=q_mean,
                    actor_grad_norm=actor_grad_norm, critic_grad_norm=critic_grad_norm,
-                   actor_param_norm=optax.global_norm(actor.params), critic_param_norm=optax.global_norm(critic.params))
+                   actor_param_norm=common.global_norm(actor.params), critic_param_norm=common.global_norm(critic.params))
     return DDPGState(actor, critic, target), metrics
 
 

@@ -1,0 +1,80 @@
+"""End-to-end: the train loop writes a well-formed run directory, and SAC/DDPG actually learn."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from sparserl import config, envs, train
+
+TINY = {"env": "cartpole-balance", "env_steps": 2000, "warmup_steps": 300, "eval_every": 1000,
+        "eval_episodes": 1, "final_eval_episodes": 2, "batch_size": 32, "actor.width": 16,
+        "critic.width": 16, "critic.blocks": 1, "progress": False}
+
+
+def read_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = config.build({**TINY, "critic.sparsity": 0.5, "run_dir": str(tmp_path / "run")})
+    summary = train.train(cfg)
+    run_dir = tmp_path / "run"
+
+    # config.yaml is the fully resolved config: loading it back gives the same Config
+    saved = config.build(config.flatten(yaml.safe_load((run_dir / "config.yaml").read_text())))
+    assert saved == cfg
+
+    rows = read_rows(run_dir)
+    assert [int(r["env_step"]) for r in rows] == [1000, 2000]
+    assert [int(r["eval_episodes"]) for r in rows] == [1, 2]  # the last row is the final evaluation
+    assert list(rows[0]) == list(train.metric_columns(cfg))
+    # learning starts after 300 agent steps, so both rows carry update metrics
+    for r in rows:
+        assert float(r["critic_loss"]) >= 0 and np.isfinite(float(r["critic_loss"]))
+        assert 0 < float(r["temperature"])
+        assert float(r["steps_per_s"]) > 0
+    # a DMC episode is 1000 env steps = 500 agent steps with action repeat 2
+    assert int(rows[-1]["episodes"]) == 2000 // 1000
+    assert summary["final_return"] == pytest.approx(float(rows[-1]["eval_return"]))
+    assert summary["final_eval_episodes"] == 2
+
+    model = json.loads((run_dir / "model.json").read_text())
+    assert model["critic"]["sparsity"] > 0.4 and model["actor"]["sparsity"] == 0.0
+    saved_summary = json.loads((run_dir / "summary.json").read_text())
+    assert saved_summary["params"]["critic"]["nonzero_params"] == model["critic"]["nonzero_params"]
+    assert set(saved_summary["time_share"]) >= {"env", "act", "update", "eval"}
+
+
+def test_no_update_metrics_during_warmup(tmp_path):
+    cfg = config.build({**TINY, "env_steps": 1000, "warmup_steps": 10_000, "run_dir": str(tmp_path / "r")})
+    train.train(cfg)
+    (row,) = read_rows(tmp_path / "r")
+    assert row["critic_loss"] == "" and row["eval_return"] != ""
+
+
+def random_policy_return(env_name: str, episodes: int) -> float:
+    env = envs.make(env_name, 12345, 2)
+    rng = np.random.default_rng(0)
+    return float(train.evaluate(env, lambda obs: rng.uniform(-1, 1, env.action_dim), episodes).mean())
+
+
+# Budget: 30k env steps (15k agent steps, one update each) with 64-wide networks, ~25 s per agent on
+# 2 CPU cores. Measured: SAC ~998, DDPG ~960; a uniform random policy scores ~340 (and doing nothing
+# ~750, so we ask for a clear margin over both). DDPG runs without observation normalisation: with it,
+# DDPG on cartpole-balance oscillated between seeds (final 510, 593, 423 for seeds 0-2) where
+# without it it reached 966 and 960 (seeds 0, 1); SAC is unaffected.
+LEARN = {"env": "cartpole-balance", "env_steps": 30_000, "warmup_steps": 1000, "lr": 3e-4, "batch_size": 128,
+         "utd": 1, "eval_every": 10_000, "eval_episodes": 2, "final_eval_episodes": 5, "actor.width": 64,
+         "critic.width": 64, "critic.blocks": 1, "progress": False}
+
+
+@pytest.mark.parametrize("agent,extra", [("sac", {}), ("ddpg", {"obs_norm": False})])
+def test_agent_learns_cartpole_balance(tmp_path, agent, extra):
+    cfg = config.build({**LEARN, **extra, "agent": agent, "run_dir": str(tmp_path / agent)})
+    summary = train.train(cfg)
+    random_return = random_policy_return("cartpole-balance", 5)
+    assert summary["final_return"] > max(800.0, random_return + 400.0), (summary["final_return"], random_return)
