@@ -15,6 +15,7 @@ from typing import Any
 from sparserl.config import Config, ConfigError, from_args
 
 EXIT_USAGE = 2
+EXIT_FAULT = 3  # a run stopped on NaN/inf; its last good checkpoint is kept
 
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
@@ -54,10 +55,15 @@ def cmd_train(ns) -> int:
     from sparserl import train
 
     cfg = _config(ns.overrides)
-    train.check_run_dir(cfg)
-    summary = train.train(cfg)
-    print(f"final_return {summary['final_return']:.1f} ± {summary['final_return_ci95']:.1f} (95% CI, "
-          f"{summary['final_eval_episodes']} episodes); run directory: {cfg.resolved_run_dir}")
+    train.check_run_dirs(cfg)
+    try:
+        summaries = train.train(cfg)
+    except train.NumericalFault as e:
+        print(f"sparserl: stopped: {e}", file=sys.stderr)
+        return EXIT_FAULT
+    for c, summary in zip(cfg.per_seed(), summaries if isinstance(summaries, list) else [summaries]):
+        print(f"final_return {summary['final_return']:.1f} ± {summary['final_return_ci95']:.1f} (95% CI, "
+              f"{summary['final_eval_episodes']} episodes); run directory: {c.resolved_run_dir}")
     return 0
 
 

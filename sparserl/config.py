@@ -70,6 +70,8 @@ class Config:
     agent: str = _opt("sac", choices=("sac", "ddpg"), doc="learning algorithm")
     env: str = _opt("humanoid-run", doc="DMC task as domain-task, or a Gymnasium id as gym:Id")
     seed: int = _opt(0, low=0, doc="seed of initialisation, environments and sampling")
+    seeds: str | None = _opt(None, doc="several seeds trained together (vmapped), e.g. 0,1,2,3; overrides seed")
+    num_seeds: int = _opt(1, low=1, doc="train seeds seed..seed+num_seeds-1 together (vmapped)")
     env_steps: int = _opt(1_000_000, low=1, doc="environment steps to train for (before action repeat)")
     action_repeat: int = _opt(2, low=1, doc="environment steps per agent step")
     utd: int = _opt(2, low=1, doc="gradient updates per agent step")
@@ -85,7 +87,10 @@ class Config:
     eval_every: int = _opt(10_000, low=1, doc="evaluate every this many env steps")
     eval_episodes: int = _opt(10, low=1, doc="episodes per periodic evaluation")
     final_eval_episodes: int = _opt(100, low=1, doc="episodes of the final evaluation")
-    run_dir: str | None = _opt(None, doc="output directory; default runs/<name>")
+    checkpoint_every: int = _opt(100_000, low=1, doc="save a checkpoint every this many env steps (at an episode end)")
+    keep_checkpoints: int = _opt(2, low=1, doc="checkpoints kept per run (older ones are deleted)")
+    resume: bool = _opt(True, doc="continue the run found in run_dir (same config) from its last checkpoint")
+    run_dir: str | None = _opt(None, doc="output directory; default runs/<name> (runs/<name>/seed<k> for several seeds)")
     name: str | None = _opt(None, doc="run name; default built from agent, env, sizes, sparsities, seed")
     overwrite: bool = _opt(False, doc="replace an existing run directory")
     progress: bool = _opt(True, doc="show a progress bar")
@@ -111,6 +116,27 @@ class Config:
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / (self.name or self.default_name())
+
+    @property
+    def seed_list(self) -> list[int]:
+        if self.seeds is not None:
+            return [int(s) for s in self.seeds.split(",")]
+        return [self.seed + i for i in range(self.num_seeds)]
+
+    def per_seed(self) -> list["Config"]:
+        """One single-seed config per seed: exactly what a single-seed run with that seed would use."""
+        seeds = self.seed_list
+        if len(seeds) == 1:
+            return [dataclasses.replace(self, seed=seeds[0], seeds=None, num_seeds=1)]
+        out = []
+        for s in seeds:
+            if self.run_dir or self.name:
+                root = Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+                run_dir = str(root / f"seed{s}")
+            else:
+                run_dir = None
+            out.append(dataclasses.replace(self, seed=s, seeds=None, num_seeds=1, run_dir=run_dir, name=None))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,6 +320,10 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         for part in key.split("."):
             value = getattr(value, part)
         _check_range(key, value, f.metadata)
+    if cfg.seeds is not None:
+        parts = [p.strip() for p in cfg.seeds.split(",")]
+        if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+            raise ConfigError(f"seeds={cfg.seeds!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2,3")
     if cfg.env_steps < cfg.action_repeat:
         raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")
     if cfg.sac.log_std_min >= cfg.sac.log_std_max:

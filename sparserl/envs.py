@@ -38,8 +38,8 @@ def check_env_name(name: str) -> None:
     if name.startswith(GYM_PREFIX):
         ids = gym_env_ids()
         if name[len(GYM_PREFIX):] not in ids:
-            hint = suggest(name[len(GYM_PREFIX):], ids)
-            raise ConfigError(f"env={name!r}: unknown Gymnasium id{hint.replace('mean ', 'mean gym:')}")
+            hint = suggest(name, [GYM_PREFIX + i for i in ids])
+            raise ConfigError(f"env={name!r}: unknown Gymnasium id{hint}")
         return
     tasks = dmc_task_names()
     if name not in tasks:
@@ -62,6 +62,13 @@ class Env:
         raise NotImplementedError
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        raise NotImplementedError
+
+    def rng_state(self) -> dict:
+        """JSON-able state of the randomness the next ``reset`` draws from (for exact resume)."""
+        raise NotImplementedError
+
+    def set_rng_state(self, state: dict) -> None:
         raise NotImplementedError
 
 
@@ -87,6 +94,15 @@ class DMCEnv(Env):
 
     def reset(self) -> np.ndarray:
         return _flatten(self._env.reset().observation)
+
+    def rng_state(self) -> dict:
+        name, keys, pos, has_gauss, cached = self._env.task.random.get_state()
+        return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached)}
+
+    def set_rng_state(self, state: dict) -> None:
+        self._env.task.random.set_state((state["name"], np.asarray(state["keys"], np.uint32), state["pos"],
+                                         state["has_gauss"], state["cached_gaussian"]))
 
     def step(self, action):
         action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
@@ -116,6 +132,14 @@ class GymEnv(Env):
         seed, self._seed = self._seed, None  # seed the first reset only; later resets continue its stream
         obs, _ = self._env.reset(seed=seed)
         return np.asarray(obs, np.float32).ravel()
+
+    def rng_state(self) -> dict:
+        return {"first_reset_seed": self._seed, "np_random": self._env.unwrapped.np_random.bit_generator.state}
+
+    def set_rng_state(self, state: dict) -> None:
+        self._seed = state["first_reset_seed"]
+        if self._seed is None:
+            self._env.unwrapped.np_random.bit_generator.state = state["np_random"]
 
     def step(self, action):
         action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)

@@ -1,14 +1,21 @@
-"""The training loop: act, store, update, evaluate, log.
+"""The training loop: act, store, update, evaluate, log, checkpoint, resume.
 
-One agent step: pick an action (random during warm-up, else the stochastic policy), step the env
-(``action_repeat`` env steps), store the transition, update the running observation statistics
-and, after warm-up, run ``utd`` gradient steps in one jitted call. Every ``eval_every`` env steps
-the deterministic policy is evaluated on a separately seeded env and a row goes to ``metrics.csv``
-(flushed at once, so a kill loses at most one row). At the end, a final evaluation of
-``final_eval_episodes`` episodes, ``summary.json``.
+One loop serves one seed or several: the agent states of all seeds are stacked and the policy and
+the update are ``vmap``-ped over them (each seed keeps its own env, buffer, mask, init, RNG streams
+and run directory, and writes the same numbers a single-seed run with that seed writes).
+
+One agent step, for every seed: reset the env if its episode ended, pick an action (random during
+warm-up, else the stochastic policy), step the env (``action_repeat`` env steps), store the
+transition, update the running observation statistics and, after warm-up, run ``utd`` gradient steps
+in one jitted call. Every ``eval_every`` env steps the deterministic policy is evaluated on a
+separately seeded env and a row goes to ``metrics.csv`` (flushed at once). Every
+``checkpoint_every`` env steps, at the next step where every seed has just ended an episode, a
+checkpoint holds everything needed to continue exactly (see :mod:`sparserl.checkpoint`). At the end:
+a final evaluation of ``final_eval_episodes`` episodes, a last checkpoint and ``summary.json``.
 
 Run directory: ``config.yaml`` (fully resolved), ``model.json`` (parameter counts and per-layer
-sparsity), ``metrics.csv``, ``summary.json``.
+sparsity), ``metrics.csv``, ``checkpoints/``, ``summary.json``; ``error.txt`` when a run stopped on
+a numerical fault.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -26,41 +34,80 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, envs, sparsity
+from sparserl import agents, checkpoint, envs, sparsity
 from sparserl.agents.common import ObsStats, normalize
-from sparserl.config import Config, ConfigError, to_yaml
+from sparserl.config import Config, ConfigError, flatten, to_yaml
 from sparserl.replay import ReplayBuffer
 
 BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
                 "eval_episodes")
-TAIL_COLUMNS = ("steps_per_s", "wall_time")
+TAIL_COLUMNS = ("steps_per_s", "wall_time")  # timing: the only columns that differ between identical runs
+# Keys that do not change what a run computes: a run directory may be resumed with other values.
+RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "keep_checkpoints")
+
+
+class NumericalFault(RuntimeError):
+    """A NaN/inf appeared in a loss or in the parameters; the run stopped, its last good checkpoint kept."""
 
 
 def metric_columns(cfg: Config) -> tuple[str, ...]:
     return BASE_COLUMNS + agents.get(cfg.agent).METRICS + TAIL_COLUMNS
 
 
-def check_run_dir(cfg: Config) -> Path:
-    """Refuse (before any compute) to write into a directory that already holds a run."""
-    run_dir = cfg.resolved_run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise ConfigError(f"run_dir={str(run_dir)!r}: already holds a run; pass overwrite=true to replace it "
-                              f"or choose another run_dir=/name=")
-    return run_dir
+def fault_quantities(cfg: Config) -> tuple[str, ...]:
+    return agents.get(cfg.agent).METRICS + ("actor parameters", "critic parameters")
 
 
 def model_stats(state) -> dict[str, Any]:
     return {name: sparsity.stats(m.params, m.mask) for name, m in agents.modules(state).items()}
 
 
-class Timers:
-    """Wall-time accounting per phase (env, act, update, eval, log)."""
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    a, b = flatten(saved), flatten(wanted)
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+            if k not in RUN_CONTROL_KEYS and a.get(k) != b.get(k)]
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+
+def run_dir_status(cfg: Config) -> str:
+    """``new``, ``resume`` or ``finished`` for a single-seed config; refuses a directory it must not touch."""
+    run_dir = cfg.resolved_run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: is a file, not a directory; choose another run_dir=")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    if cfg.overwrite:
+        return "new"
+    saved_path = run_dir / "config.yaml"
+    hint = "pass overwrite=true to replace it, or choose another run_dir=/name="
+    if not saved_path.is_file():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: exists and is not a sparserl run; {hint}")
+    diffs = _differences(yaml.safe_load(saved_path.read_text()) or {}, cfg.to_dict())
+    if diffs:
+        raise ConfigError(f"run_dir={str(run_dir)!r}: holds a run with a different config ({'; '.join(diffs[:3])}); "
+                          f"rerun with the same config to resume it, or {hint}")
+    if not cfg.resume:
+        raise ConfigError(f"run_dir={str(run_dir)!r}: already holds this run and resume=false; {hint}")
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    if (run_dir / "error.txt").is_file():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: stopped on a numerical fault ({(run_dir / 'error.txt').read_text().strip()}); "
+                          f"{hint}")
+    return "resume"
+
+
+def check_run_dirs(cfg: Config) -> list[str]:
+    """Validate every seed's run directory before any compute."""
+    return [run_dir_status(c) for c in cfg.per_seed()]
+
+
+class Timers:
+    """Wall-time accounting per phase (env, act, update, eval, log, checkpoint)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = dict(seconds or {})
 
     def add(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -69,13 +116,25 @@ class Timers:
 
 
 def evaluate(env: envs.Env, policy: Callable[[np.ndarray], np.ndarray], episodes: int) -> np.ndarray:
-    returns = np.zeros(episodes)
-    for i in range(episodes):
-        obs, done = env.reset(), False
-        while not done:
-            obs, reward, terminated, truncated = env.step(policy(obs))
-            returns[i] += reward
-            done = terminated or truncated
+    """Returns of ``episodes`` episodes of one policy on one env."""
+    return evaluate_lockstep([env], lambda obs: policy(obs[0])[None], episodes)[0]
+
+
+def evaluate_lockstep(eval_envs: list[envs.Env], policy: Callable[[np.ndarray], np.ndarray],
+                      episodes: int) -> list[np.ndarray]:
+    """Evaluate several seeds together: ``policy`` maps stacked observations (N, obs) to actions."""
+    returns = [np.zeros(episodes) for _ in eval_envs]
+    for ep in range(episodes):
+        obs = [e.reset() for e in eval_envs]
+        done = [False] * len(eval_envs)
+        while not all(done):
+            actions = policy(np.stack(obs))
+            for i, e in enumerate(eval_envs):
+                if done[i]:
+                    continue
+                obs[i], reward, terminated, truncated = e.step(actions[i])
+                returns[i][ep] += reward
+                done[i] = terminated or truncated
     return returns
 
 
@@ -85,94 +144,253 @@ def _fmt(x) -> str:
     return repr(float(x)) if isinstance(x, (float, np.floating)) else str(x)
 
 
-def train(cfg: Config, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one agent per ``cfg``; returns the summary (also written to ``summary.json``)."""
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    run_dir = check_run_dir(cfg)
-    agent = agents.get(cfg.agent)
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i: int):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+@dataclass
+class Seed:
+    """Host-side state of one seed: its envs, buffer, statistics, RNGs, counters and outputs."""
+
+    cfg: Config
+    run_dir: Path
+    env: envs.Env
+    eval_env: envs.Env
+    buffer: ReplayBuffer
+    normalizer: envs.RunningMeanStd
+    sample_rng: np.random.Generator
+    action_rng: np.random.Generator
+    obs: np.ndarray | None = None
+    needs_reset: bool = True
+    episode_return: float = 0.0
+    episodes: int = 0
+    row_returns: list = field(default_factory=list)
+    csv_rows: int = 0
+    summary_eval: np.ndarray | None = None
+
+    def obs_stats(self) -> ObsStats:
+        dim = self.env.obs_dim
+        if not self.cfg.obs_norm:
+            return ObsStats(np.zeros(dim, np.float32), np.ones(dim, np.float32))
+        return ObsStats(self.normalizer.mean.astype(np.float32), self.normalizer.std.astype(np.float32))
+
+
+def _make_seed(cfg: Config) -> Seed:
     env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
     eval_env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 1), cfg.action_repeat)
-    state = agent.init(cfg, env.obs_dim, env.action_dim)
-    stats = model_stats(state)
+    return Seed(cfg, cfg.resolved_run_dir, env, eval_env,
+                ReplayBuffer(min(cfg.buffer_size, cfg.agent_steps), env.obs_dim, env.action_dim),
+                envs.RunningMeanStd(env.obs_dim), np.random.default_rng(envs.derive_seed(cfg.seed, 2)),
+                np.random.default_rng(envs.derive_seed(cfg.seed, 3)))
 
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # only reached with overwrite=true
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "model.json").write_text(json.dumps(stats, indent=1))
 
-    act_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xAC7)
+# ----------------------------------------------------------------------------------------------
+# Checkpoint contents of one seed
 
-    @partial(jax.jit, static_argnames="deterministic")
-    def policy_fn(actor_params, obs, obs_stats, step, deterministic):
-        return agent.act(actor_params, normalize(obs, obs_stats)[None], jax.random.fold_in(act_key, step), deterministic, cfg)[0]
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def learn(state, metric_sums, batches, obs_stats):
-        state, metrics = agent.update(state, batches, obs_stats, cfg)
-        return state, {k: metric_sums[k] + metrics[k].mean() for k in metric_sums}
+def _save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
+    arrays = checkpoint.flatten_tree(state, "state")
+    arrays.update(checkpoint.flatten_tree(sums, "metric_sums"))
+    n = s.buffer.size
+    for name in ("obs", "action", "reward", "discount", "next_obs"):
+        arrays[f"buffer/{name}"] = getattr(s.buffer, name)[:n]
+    arrays["normalizer/mean"], arrays["normalizer/var"] = s.normalizer.mean, s.normalizer.var
+    meta = {
+        "agent_step": agent_step, "env_step": agent_step * s.cfg.action_repeat, "buffer_size": n,
+        "buffer_cursor": s.buffer.cursor, "normalizer_count": s.normalizer.count,
+        "sample_rng": s.sample_rng.bit_generator.state, "action_rng": s.action_rng.bit_generator.state,
+        "env_rng": s.env.rng_state(), "eval_env_rng": s.eval_env.rng_state(), "needs_reset": s.needs_reset,
+        "obs": None if s.obs is None else s.obs.tolist(), "episode_return": s.episode_return,
+        "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows, **extra,
+    }
+    checkpoint.save(s.run_dir / "checkpoints", agent_step, arrays, meta, keep=s.cfg.keep_checkpoints)
 
-    normalizer = envs.RunningMeanStd(env.obs_dim)
 
-    def obs_stats() -> ObsStats:
-        if not cfg.obs_norm:
-            return ObsStats(np.zeros(env.obs_dim, np.float32), np.ones(env.obs_dim, np.float32))
-        return ObsStats(normalizer.mean.astype(np.float32), normalizer.std.astype(np.float32))
+def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_template):
+    state = checkpoint.unflatten_like(state_template, arrays, "state")
+    sums = checkpoint.unflatten_like(sums_template, arrays, "metric_sums")
+    n = meta["buffer_size"]
+    for name in ("obs", "action", "reward", "discount", "next_obs"):
+        getattr(s.buffer, name)[:n] = arrays[f"buffer/{name}"]
+    s.buffer.size, s.buffer.cursor = n, meta["buffer_cursor"]
+    s.normalizer.mean, s.normalizer.var = arrays["normalizer/mean"], arrays["normalizer/var"]
+    s.normalizer.count = meta["normalizer_count"]
+    s.sample_rng.bit_generator.state = meta["sample_rng"]
+    s.action_rng.bit_generator.state = meta["action_rng"]
+    s.env.set_rng_state(meta["env_rng"])
+    s.eval_env.set_rng_state(meta["eval_env_rng"])
+    s.needs_reset = meta["needs_reset"]
+    if not s.needs_reset:
+        raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
+    s.obs = None
+    s.episode_return, s.episodes = meta["episode_return"], meta["episodes"]
+    s.row_returns, s.csv_rows = list(meta["row_returns"]), meta["csv_rows"]
+    _truncate_csv(s.run_dir / "metrics.csv", s.csv_rows)
+    return state, sums
 
-    def deterministic_policy(obs):
-        return np.asarray(policy_fn(state.actor.params, obs, current_stats, 0, True))
 
-    buffer = ReplayBuffer(min(cfg.buffer_size, cfg.agent_steps), env.obs_dim, env.action_dim)
-    sample_rng = np.random.default_rng(envs.derive_seed(cfg.seed, 2))
-    action_rng = np.random.default_rng(envs.derive_seed(cfg.seed, 3))
+def _truncate_csv(path: Path, rows: int) -> None:
+    """Drop rows written after the checkpoint: they are recomputed, identically, on resume."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: rows + 1]))
 
-    def zero_sums():  # fresh arrays each time: `learn` donates (reuses) the buffers it is given
-        return {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
 
-    metric_sums, updates_in_row = zero_sums(), 0
+# ----------------------------------------------------------------------------------------------
 
-    columns = metric_columns(cfg)
-    csv_file = open(run_dir / "metrics.csv", "w", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=columns)
-    writer.writeheader()
-    csv_file.flush()
 
-    timers = Timers()
-    start = row_start = time.perf_counter()
-    row_start_step = 0
-    episode_return, episode_returns, episodes = 0.0, [], 0
-    obs = env.reset()
-    normalizer.update(obs)
-    current_stats = obs_stats()
-    bar = tqdm(total=cfg.env_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True,
-               desc=run_dir.name[:40], file=sys.stderr)
-    last_eval = float("nan")
-    summary_eval = None
+def train(cfg: Config, log: Callable[[str], None] | None = None):
+    """Train one or several seeds per ``cfg``. Returns the summary (a list of them for several seeds)."""
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    seed_cfgs = cfg.per_seed()
+    statuses = [run_dir_status(c) for c in seed_cfgs]
+    if all(st == "finished" for st in statuses):
+        summaries = [json.loads((c.resolved_run_dir / "summary.json").read_text()) for c in seed_cfgs]
+        for c in seed_cfgs:
+            log(f"[{c.resolved_run_dir.name}] already finished; delete it or pass overwrite=true to train again")
+        return summaries[0] if len(summaries) == 1 else summaries
+    if "finished" in statuses:
+        raise ConfigError("some seeds' run directories are finished and others are not; run the unfinished seeds alone")
+    cfg0 = seed_cfgs[0]  # static config of the jitted functions (only the seed differs between seeds)
+    agent = agents.get(cfg.agent)
+    seeds = [_make_seed(c) for c in seed_cfgs]
+    obs_dim, action_dim = seeds[0].env.obs_dim, seeds[0].env.action_dim
+    single_states = [agent.init(c, obs_dim, action_dim) for c in seed_cfgs]
+    stats = [model_stats(st) for st in single_states]
+    quantities = fault_quantities(cfg0)
+
+    def fresh_sums():  # metric sums over a row, plus the first numerical fault (index, agent step)
+        sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
+        return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
+
+    # Resume: every seed from a checkpoint at the same agent step.
+    start_step, wall_offset, timers, updates_in_row = 0, 0.0, Timers(), 0
+    states, sums = single_states, [fresh_sums() for _ in seeds]
+    if statuses[0] == "resume":
+        common_step = None
+        for _ in range(2):  # find a step every seed has (a kill may fall between the seeds' saves)
+            loaded = [checkpoint.latest_valid(s.run_dir / "checkpoints", common_step, log) for s in seeds]
+            if any(x is None for x in loaded):
+                loaded = None
+                break
+            steps = [meta["agent_step"] for _, meta in loaded]
+            if len(set(steps)) == 1:
+                break
+            common_step = min(steps)
+        if loaded is None or len({meta["agent_step"] for _, meta in loaded}) != 1:
+            log(f"[{seeds[0].run_dir.name}] no usable checkpoint; starting over")
+            statuses = ["new"] * len(seeds)
+        else:
+            restored = [_restore_seed(s, arrays, meta, st, fs) for s, (arrays, meta), st, fs
+                        in zip(seeds, loaded, single_states, sums)]
+            states, sums = [r[0] for r in restored], [r[1] for r in restored]
+            meta = loaded[0][1]
+            start_step, wall_offset, timers = meta["agent_step"], meta["wall_time"], Timers(meta["timers"])
+            updates_in_row = meta["updates_in_row"]
+            log(f"[{seeds[0].run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
+    if statuses[0] == "new":
+        for s, c, st in zip(seeds, seed_cfgs, stats):
+            if s.run_dir.exists():
+                shutil.rmtree(s.run_dir)  # overwrite=true, or a run killed before its first checkpoint
+            s.run_dir.mkdir(parents=True)
+            (s.run_dir / "config.yaml").write_text(to_yaml(c))
+            (s.run_dir / "model.json").write_text(json.dumps(st, indent=1))
+            with open(s.run_dir / "metrics.csv", "w", newline="") as f:
+                csv.writer(f).writerow(metric_columns(c))
+
+    state = _stack(states)
+    metric_sums = _stack(sums)
+    del single_states, states, sums
+    act_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(c.seed), 0xAC7) for c in seed_cfgs])
+
+    def single_policy(actor_params, obs, obs_stats, act_key, step, deterministic):
+        key = jax.random.fold_in(act_key, step)
+        return agent.act(actor_params, normalize(obs, obs_stats)[None], key, deterministic, cfg0)[0]
+
+    policy_fn = jax.jit(jax.vmap(single_policy, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
+
+    def single_learn(state, sums, batches, obs_stats, first_step):
+        state, metrics = agent.update(state, batches, obs_stats, cfg0)
+        bad = [~jnp.isfinite(metrics[k]).all() for k in agent.METRICS]
+        bad += [~jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(m.params)]))
+                for m in agents.modules(state).values()]
+        bad = jnp.stack(bad)
+        new_fault = (sums["_fault"] < 0) & bad.any()
+        out = {k: sums[k] + metrics[k].mean() for k in agent.METRICS}
+        out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
+        out["_fault_step"] = jnp.where(new_fault, first_step, sums["_fault_step"])
+        return state, out
+
+    learn = jax.jit(jax.vmap(single_learn, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+
+    def deterministic_actions(obs_stack):
+        return np.asarray(policy_fn(state.actor.params, obs_stack, eval_stats, act_keys, 0, True))
+
+    files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
+    writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
+    columns = metric_columns(cfg0)
+    row_start, row_start_step = time.perf_counter(), start_step
+    start = time.perf_counter() - wall_offset
+    next_checkpoint = (start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    name = seeds[0].run_dir.name if len(seeds) == 1 else f"{len(seeds)} seeds"
+    bar = tqdm(total=cfg.env_steps, initial=start_step * cfg.action_repeat, unit="step", disable=not cfg.progress,
+               dynamic_ncols=True, desc=name[:40], file=sys.stderr)
+
+    def check_faults(sums_host) -> None:
+        for i, s in enumerate(seeds):
+            idx = int(sums_host["_fault"][i])
+            if idx >= 0:
+                step = int(sums_host["_fault_step"][i])
+                msg = (f"non-finite {quantities[idx]} at agent step {step} (env step {step * cfg.action_repeat}); "
+                       f"last good checkpoint kept in {s.run_dir / 'checkpoints'}")
+                (s.run_dir / "error.txt").write_text(msg + "\n")
+                raise NumericalFault(f"[{s.run_dir.name}] {msg}")
+
+    def save_checkpoints(agent_step: int) -> None:
+        host_sums = jax.device_get(metric_sums)
+        check_faults(host_sums)  # never save a faulty state
+        host_state = jax.device_get(state)
+        extra = {"wall_time": time.perf_counter() - start, "timers": timers.seconds, "updates_in_row": updates_in_row}
+        for i, s in enumerate(seeds):
+            _save_seed(s, _take(host_state, i), _take(host_sums, i), agent_step, extra)
+
     try:
-        for agent_step in range(cfg.agent_steps):
+        for agent_step in range(start_step, cfg.agent_steps):
             t = time.perf_counter()
+            for s in seeds:
+                if s.needs_reset:
+                    s.obs, s.needs_reset = s.env.reset(), False
+                    if cfg.obs_norm:
+                        s.normalizer.update(s.obs)
+            t = timers.add("env", t)
+            current_stats = _stack([s.obs_stats() for s in seeds])
             if agent_step < cfg.warmup_steps:
-                action = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+                actions = [s.action_rng.uniform(-1.0, 1.0, action_dim).astype(np.float32) for s in seeds]
             else:
-                action = np.asarray(policy_fn(state.actor.params, obs, current_stats, agent_step, False))
+                actions = np.asarray(policy_fn(state.actor.params, np.stack([s.obs for s in seeds]), current_stats,
+                                               act_keys, agent_step, False))
             t = timers.add("act", t)
-            next_obs, reward, terminated, truncated = env.step(action)
-            buffer.add(obs, action, reward, 0.0 if terminated else 1.0, next_obs)
-            episode_return += reward
-            if terminated or truncated:
-                episode_returns.append(episode_return)
-                episodes += 1
-                episode_return = 0.0
-                next_obs = env.reset()
-            obs = next_obs
-            if cfg.obs_norm:
-                normalizer.update(obs)
-                current_stats = obs_stats()
+            for s, action in zip(seeds, actions):
+                next_obs, reward, terminated, truncated = s.env.step(action)
+                s.buffer.add(s.obs, action, reward, 0.0 if terminated else 1.0, next_obs)
+                s.episode_return += reward
+                if terminated or truncated:
+                    s.row_returns.append(s.episode_return)
+                    s.episodes += 1
+                    s.episode_return, s.needs_reset = 0.0, True
+                else:
+                    s.obs = next_obs
+                    if cfg.obs_norm:
+                        s.normalizer.update(next_obs)
             t = timers.add("env", t)
 
             if agent_step >= cfg.warmup_steps:
-                batches = buffer.sample(sample_rng, cfg.utd, cfg.batch_size)
-                state, metric_sums = learn(state, metric_sums, batches, current_stats)
+                batches = _stack([s.buffer.sample(s.sample_rng, cfg.utd, cfg.batch_size) for s in seeds])
+                state, metric_sums = learn(state, metric_sums, batches, _stack([s.obs_stats() for s in seeds]),
+                                           jnp.int32(agent_step))
                 updates_in_row += 1
                 t = timers.add("update", t)
 
@@ -180,45 +398,58 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> dict[str, An
             bar.update(cfg.action_repeat)
             is_last = agent_step + 1 == cfg.agent_steps
             if env_step % cfg.eval_every < cfg.action_repeat or is_last:
+                host_sums = jax.device_get(metric_sums)
+                check_faults(host_sums)
                 n_eval = cfg.final_eval_episodes if is_last else cfg.eval_episodes
-                returns = evaluate(eval_env, deterministic_policy, n_eval)
+                eval_stats = _stack([s.obs_stats() for s in seeds])
+                all_returns = evaluate_lockstep([s.eval_env for s in seeds], deterministic_actions, n_eval)
                 t = timers.add("eval", t)
-                means = ({k: float(v) / updates_in_row for k, v in jax.device_get(metric_sums).items()}
-                         if updates_in_row else {})
                 now = time.perf_counter()
-                row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": episodes,
-                       "train_return": float(np.mean(episode_returns)) if episode_returns else float("nan"),
-                       "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
-                       "eval_episodes": n_eval, **means,
-                       "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start),
-                       "wall_time": now - start}
-                writer.writerow({k: _fmt(row.get(k)) for k in columns})
-                csv_file.flush()
-                last_eval = row["eval_return"]
-                bar.set_postfix(eval_return=f"{last_eval:.1f}", refresh=False)
-                log(f"[{run_dir.name}] env_step {env_step}: eval_return {last_eval:.1f} ± {returns.std():.1f} "
-                    f"({n_eval} ep), {row['steps_per_s']:.0f} agent steps/s")
-                if is_last:
-                    summary_eval = returns
-                metric_sums, updates_in_row, episode_returns = zero_sums(), 0, []
+                for i, (s, returns) in enumerate(zip(seeds, all_returns)):
+                    means = {k: float(host_sums[k][i]) / updates_in_row for k in agent.METRICS} if updates_in_row else {}
+                    row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": s.episodes,
+                           "train_return": float(np.mean(s.row_returns)) if s.row_returns else float("nan"),
+                           "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
+                           "eval_episodes": n_eval, **means,
+                           "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start),
+                           "wall_time": now - start}
+                    writers[i].writerow({k: _fmt(row.get(k)) for k in columns})
+                    files[i].flush()
+                    s.csv_rows += 1
+                    s.row_returns = []
+                    if is_last:
+                        s.summary_eval = returns
+                    log(f"[{s.run_dir.name}] env_step {env_step}: eval_return {returns.mean():.1f} ± "
+                        f"{returns.std():.1f} ({n_eval} ep), {row['steps_per_s']:.0f} agent steps/s")
+                bar.set_postfix(eval_return=f"{np.mean([r.mean() for r in all_returns]):.1f}", refresh=False)
+                metric_sums = _stack([fresh_sums() for _ in seeds])  # faults were checked above
+                updates_in_row = 0
                 row_start, row_start_step = time.perf_counter(), agent_step + 1
-                timers.add("log", now)
+                t = timers.add("log", now)
+
+            if env_step >= next_checkpoint and all(s.needs_reset for s in seeds):
+                save_checkpoints(agent_step + 1)
+                next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+                timers.add("checkpoint", t)
+        save_checkpoints(cfg.agent_steps)
     finally:
         bar.close()
-        csv_file.close()
+        for f in files:
+            f.close()
 
     wall = time.perf_counter() - start
-    summary = {
-        "final_return": float(summary_eval.mean()),
-        "final_return_std": float(summary_eval.std()),
-        "final_return_ci95": float(1.96 * summary_eval.std(ddof=1) / np.sqrt(len(summary_eval)))
-        if len(summary_eval) > 1 else 0.0,
-        "final_eval_episodes": len(summary_eval),
-        "env_steps": cfg.env_steps,
-        "wall_time": wall,
-        "agent_steps_per_s": cfg.agent_steps / wall,
-        "time_share": {k: v / wall for k, v in timers.seconds.items()},
-        "params": {name: {k: s[k] for k in ("total_params", "nonzero_params", "sparsity")} for name, s in stats.items()},
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    summaries = []
+    for s, st in zip(seeds, stats):
+        ev = s.summary_eval
+        summary = {
+            "final_return": float(ev.mean()), "final_return_std": float(ev.std()),
+            "final_return_ci95": float(1.96 * ev.std(ddof=1) / np.sqrt(len(ev))) if len(ev) > 1 else 0.0,
+            "final_eval_episodes": len(ev), "env_steps": cfg.env_steps, "seed": s.cfg.seed, "wall_time": wall,
+            "agent_steps_per_s": (cfg.agent_steps - start_step) / (wall - wall_offset),
+            "time_share": {k: v / wall for k, v in timers.seconds.items()},
+            "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in st.items()},
+        }
+        (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        summaries.append(summary)
+    return summaries[0] if len(summaries) == 1 else summaries
+

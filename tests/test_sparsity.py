@@ -396,7 +396,7 @@ def test_init_seed_changes_init_not_masks():
     for m1, m2 in ((s1.actor, s2.actor), (s1.critic, s2.critic)):
         for a, b in zip(_leaves(m1.mask), _leaves(m2.mask)):
             np.testing.assert_array_equal(a, b)
-        # the init differs (compare the always-kept entries of the masked embeddings)
+        # the dense init differs
         assert any(not np.array_equal(a, b) for a, b in zip(_leaves(m1.params), _leaves(m2.params)))
     assert not np.array_equal(s1.critic.params["q0"]["head"]["kernel"], s2.critic.params["q0"]["head"]["kernel"])
 
