@@ -72,6 +72,9 @@ class Config:
     seed: int = _opt(0, low=0, doc="seed of initialisation, environments and sampling")
     seeds: str | None = _opt(None, doc="several seeds trained together (vmapped), e.g. 0,1,2,3; overrides seed")
     num_seeds: int = _opt(1, low=1, doc="train seeds seed..seed+num_seeds-1 together (vmapped)")
+    seed_parallel: str = _opt("auto", choices=("auto", "vmap", "loop"),
+                              doc="several seeds: vmap (stacked, fastest on GPU), loop (bit-identical to "
+                                  "single-seed runs), auto = loop on CPU, vmap elsewhere")
     env_steps: int = _opt(1_000_000, low=1, doc="environment steps to train for (before action repeat)")
     action_repeat: int = _opt(2, low=1, doc="environment steps per agent step")
     utd: int = _opt(2, low=1, doc="gradient updates per agent step")

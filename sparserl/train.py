@@ -46,7 +46,8 @@ BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_retu
                 "eval_episodes")
 TAIL_COLUMNS = ("steps_per_s", "wall_time")  # timing: the only columns that differ between identical runs
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
-RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "keep_checkpoints")
+RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "seed_parallel",
+                    "keep_checkpoints")
 
 
 class NumericalFault(RuntimeError):
@@ -240,6 +241,87 @@ def _truncate_csv(path: Path, rows: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The device side of all seeds: their agent states, the policy and the update
+
+
+def fresh_sums(agent) -> dict:
+    """Metric sums over a metrics row, plus the first numerical fault (quantity index, agent step)."""
+    sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
+    return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
+
+
+class SeedGroup:
+    """Agent states of all seeds, acted and updated together.
+
+    ``vmapped=True`` stacks the states and ``vmap``s policy and update (one call for all seeds: the
+    throughput mode on accelerators). ``vmapped=False`` keeps one state per seed and calls the same
+    jitted single-seed functions in turn: every seed then computes bit-for-bit what a single-seed
+    run computes (vmapped XLA kernels may round differently), which is the default on CPU.
+    """
+
+    def __init__(self, agent, cfg: Config, seed_cfgs: list[Config], states: list, vmapped: bool):
+        self.agent, self.cfg, self.vmapped, self.n = agent, cfg, vmapped, len(states)
+        self.quantities = fault_quantities(cfg)
+        keys = [jax.random.fold_in(jax.random.PRNGKey(c.seed), 0xAC7) for c in seed_cfgs]
+        sums = [fresh_sums(self.agent) for _ in states]
+        policy = jax.jit(self._policy, static_argnums=5)
+        learn = jax.jit(self._learn, donate_argnums=(0, 1))
+        if vmapped:
+            self.states, self.sums, self.keys = _stack(states), _stack(sums), jnp.stack(keys)
+            self.policy = jax.jit(jax.vmap(self._policy, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
+            self.learn_fn = jax.jit(jax.vmap(self._learn, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+        else:
+            self.states, self.sums, self.keys = list(states), sums, keys
+            self.policy, self.learn_fn = policy, learn
+
+    def _policy(self, actor_params, obs, obs_stats, act_key, step, deterministic):
+        key = jax.random.fold_in(act_key, step)
+        return self.agent.act(actor_params, normalize(obs, obs_stats)[None], key, deterministic, self.cfg)[0]
+
+    def _learn(self, state, sums, batches, obs_stats, first_step):
+        state, metrics = self.agent.update(state, batches, obs_stats, self.cfg)
+        bad = [~jnp.isfinite(metrics[k]).all() for k in self.agent.METRICS]
+        bad += [~jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(m.params)]))
+                for m in agents.modules(state).values()]
+        bad = jnp.stack(bad)
+        new_fault = (sums["_fault"] < 0) & bad.any()
+        out = {k: sums[k] + metrics[k].mean() for k in self.agent.METRICS}
+        out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
+        out["_fault_step"] = jnp.where(new_fault, first_step, sums["_fault_step"])
+        return state, out
+
+    def act(self, obs: np.ndarray, stats: list[ObsStats], step: int, deterministic: bool) -> np.ndarray:
+        if self.vmapped:
+            return np.asarray(self.policy(self.states.actor.params, obs, _stack(stats), self.keys, step, deterministic))
+        actions = [self.policy(st.actor.params, o, ss, k, step, deterministic)
+                   for st, o, ss, k in zip(self.states, obs, stats, self.keys)]
+        return np.stack([np.asarray(a) for a in actions])
+
+    def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
+        step = jnp.int32(step)
+        if self.vmapped:
+            self.states, self.sums = self.learn_fn(self.states, self.sums, _stack(batches), _stack(stats), step)
+            return
+        for i in range(self.n):
+            self.states[i], self.sums[i] = self.learn_fn(self.states[i], self.sums[i], batches[i], stats[i], step)
+
+    def reset_sums(self) -> None:
+        sums = [fresh_sums(self.agent) for _ in range(self.n)]
+        self.sums = _stack(sums) if self.vmapped else sums
+
+    def host_sums(self) -> list[dict]:
+        host = jax.device_get(self.sums)
+        return [_take(host, i) for i in range(self.n)] if self.vmapped else host
+
+    def host_states(self) -> list:
+        host = jax.device_get(self.states)
+        return [_take(host, i) for i in range(self.n)] if self.vmapped else host
+
+    def actor_params(self, i: int):
+        return _take(self.states.actor.params, i) if self.vmapped else self.states[i].actor.params
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def train(cfg: Config, log: Callable[[str], None] | None = None):
@@ -260,15 +342,10 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     obs_dim, action_dim = seeds[0].env.obs_dim, seeds[0].env.action_dim
     single_states = [agent.init(c, obs_dim, action_dim) for c in seed_cfgs]
     stats = [model_stats(st) for st in single_states]
-    quantities = fault_quantities(cfg0)
-
-    def fresh_sums():  # metric sums over a row, plus the first numerical fault (index, agent step)
-        sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
-        return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
 
     # Resume: every seed from a checkpoint at the same agent step.
     start_step, wall_offset, timers, updates_in_row = 0, 0.0, Timers(), 0
-    states, sums = single_states, [fresh_sums() for _ in seeds]
+    states, sums = single_states, None
     if statuses[0] == "resume":
         common_step = None
         for _ in range(2):  # find a step every seed has (a kill may fall between the seeds' saves)
@@ -284,8 +361,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             log(f"[{seeds[0].run_dir.name}] no usable checkpoint; starting over")
             statuses = ["new"] * len(seeds)
         else:
-            restored = [_restore_seed(s, arrays, meta, st, fs) for s, (arrays, meta), st, fs
-                        in zip(seeds, loaded, single_states, sums)]
+            template = fresh_sums(agent)
+            restored = [_restore_seed(s, arrays, meta, st, template) for s, (arrays, meta), st
+                        in zip(seeds, loaded, single_states)]
             states, sums = [r[0] for r in restored], [r[1] for r in restored]
             meta = loaded[0][1]
             start_step, wall_offset, timers = meta["agent_step"], meta["wall_time"], Timers(meta["timers"])
@@ -301,33 +379,14 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             with open(s.run_dir / "metrics.csv", "w", newline="") as f:
                 csv.writer(f).writerow(metric_columns(c))
 
-    state = _stack(states)
-    metric_sums = _stack(sums)
+    vmapped = cfg.seed_parallel == "vmap" or (cfg.seed_parallel == "auto" and jax.default_backend() != "cpu")
+    group = SeedGroup(agent, cfg0, seed_cfgs, states, vmapped and len(seeds) > 1)
+    if sums is not None:
+        group.sums = _stack(sums) if group.vmapped else sums
     del single_states, states, sums
-    act_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(c.seed), 0xAC7) for c in seed_cfgs])
-
-    def single_policy(actor_params, obs, obs_stats, act_key, step, deterministic):
-        key = jax.random.fold_in(act_key, step)
-        return agent.act(actor_params, normalize(obs, obs_stats)[None], key, deterministic, cfg0)[0]
-
-    policy_fn = jax.jit(jax.vmap(single_policy, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
-
-    def single_learn(state, sums, batches, obs_stats, first_step):
-        state, metrics = agent.update(state, batches, obs_stats, cfg0)
-        bad = [~jnp.isfinite(metrics[k]).all() for k in agent.METRICS]
-        bad += [~jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(m.params)]))
-                for m in agents.modules(state).values()]
-        bad = jnp.stack(bad)
-        new_fault = (sums["_fault"] < 0) & bad.any()
-        out = {k: sums[k] + metrics[k].mean() for k in agent.METRICS}
-        out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
-        out["_fault_step"] = jnp.where(new_fault, first_step, sums["_fault_step"])
-        return state, out
-
-    learn = jax.jit(jax.vmap(single_learn, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
 
     def deterministic_actions(obs_stack):
-        return np.asarray(policy_fn(state.actor.params, obs_stack, eval_stats, act_keys, 0, True))
+        return group.act(obs_stack, eval_stats, 0, True)
 
     files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
     writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
@@ -339,23 +398,22 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     bar = tqdm(total=cfg.env_steps, initial=start_step * cfg.action_repeat, unit="step", disable=not cfg.progress,
                dynamic_ncols=True, desc=name[:40], file=sys.stderr)
 
-    def check_faults(sums_host) -> None:
-        for i, s in enumerate(seeds):
-            idx = int(sums_host["_fault"][i])
+    def check_faults(host_sums: list[dict]) -> None:
+        for s, sums_i in zip(seeds, host_sums):
+            idx = int(sums_i["_fault"])
             if idx >= 0:
-                step = int(sums_host["_fault_step"][i])
-                msg = (f"non-finite {quantities[idx]} at agent step {step} (env step {step * cfg.action_repeat}); "
+                step = int(sums_i["_fault_step"])
+                msg = (f"non-finite {group.quantities[idx]} at agent step {step} (env step {step * cfg.action_repeat}); "
                        f"last good checkpoint kept in {s.run_dir / 'checkpoints'}")
                 (s.run_dir / "error.txt").write_text(msg + "\n")
                 raise NumericalFault(f"[{s.run_dir.name}] {msg}")
 
     def save_checkpoints(agent_step: int) -> None:
-        host_sums = jax.device_get(metric_sums)
+        host_sums = group.host_sums()
         check_faults(host_sums)  # never save a faulty state
-        host_state = jax.device_get(state)
         extra = {"wall_time": time.perf_counter() - start, "timers": timers.seconds, "updates_in_row": updates_in_row}
-        for i, s in enumerate(seeds):
-            _save_seed(s, _take(host_state, i), _take(host_sums, i), agent_step, extra)
+        for s, state_i, sums_i in zip(seeds, group.host_states(), host_sums):
+            _save_seed(s, state_i, sums_i, agent_step, extra)
 
     try:
         for agent_step in range(start_step, cfg.agent_steps):
@@ -366,12 +424,10 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                     if cfg.obs_norm:
                         s.normalizer.update(s.obs)
             t = timers.add("env", t)
-            current_stats = _stack([s.obs_stats() for s in seeds])
             if agent_step < cfg.warmup_steps:
                 actions = [s.action_rng.uniform(-1.0, 1.0, action_dim).astype(np.float32) for s in seeds]
             else:
-                actions = np.asarray(policy_fn(state.actor.params, np.stack([s.obs for s in seeds]), current_stats,
-                                               act_keys, agent_step, False))
+                actions = group.act(np.stack([s.obs for s in seeds]), [s.obs_stats() for s in seeds], agent_step, False)
             t = timers.add("act", t)
             for s, action in zip(seeds, actions):
                 next_obs, reward, terminated, truncated = s.env.step(action)
@@ -388,9 +444,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             t = timers.add("env", t)
 
             if agent_step >= cfg.warmup_steps:
-                batches = _stack([s.buffer.sample(s.sample_rng, cfg.utd, cfg.batch_size) for s in seeds])
-                state, metric_sums = learn(state, metric_sums, batches, _stack([s.obs_stats() for s in seeds]),
-                                           jnp.int32(agent_step))
+                group.learn([s.buffer.sample(s.sample_rng, cfg.utd, cfg.batch_size) for s in seeds],
+                            [s.obs_stats() for s in seeds], agent_step)
                 updates_in_row += 1
                 t = timers.add("update", t)
 
@@ -398,15 +453,15 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             bar.update(cfg.action_repeat)
             is_last = agent_step + 1 == cfg.agent_steps
             if env_step % cfg.eval_every < cfg.action_repeat or is_last:
-                host_sums = jax.device_get(metric_sums)
+                host_sums = group.host_sums()
                 check_faults(host_sums)
                 n_eval = cfg.final_eval_episodes if is_last else cfg.eval_episodes
-                eval_stats = _stack([s.obs_stats() for s in seeds])
+                eval_stats = [s.obs_stats() for s in seeds]
                 all_returns = evaluate_lockstep([s.eval_env for s in seeds], deterministic_actions, n_eval)
                 t = timers.add("eval", t)
                 now = time.perf_counter()
                 for i, (s, returns) in enumerate(zip(seeds, all_returns)):
-                    means = {k: float(host_sums[k][i]) / updates_in_row for k in agent.METRICS} if updates_in_row else {}
+                    means = {k: float(host_sums[i][k]) / updates_in_row for k in agent.METRICS} if updates_in_row else {}
                     row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": s.episodes,
                            "train_return": float(np.mean(s.row_returns)) if s.row_returns else float("nan"),
                            "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
@@ -422,7 +477,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                     log(f"[{s.run_dir.name}] env_step {env_step}: eval_return {returns.mean():.1f} ± "
                         f"{returns.std():.1f} ({n_eval} ep), {row['steps_per_s']:.0f} agent steps/s")
                 bar.set_postfix(eval_return=f"{np.mean([r.mean() for r in all_returns]):.1f}", refresh=False)
-                metric_sums = _stack([fresh_sums() for _ in seeds])  # faults were checked above
+                group.reset_sums()  # faults were checked above
                 updates_in_row = 0
                 row_start, row_start_step = time.perf_counter(), agent_step + 1
                 t = timers.add("log", now)
