@@ -1,26 +1,31 @@
-"""Update throughput benchmark: achieved GFLOP/s of the jitted SAC update vs a plain matmul.
-
-Measured in one process, so the ratio (``efficiency``) is meaningful on a shared, noisy machine:
+"""Throughput benchmark, measured in one process so that ratios are meaningful on a noisy machine.
 
 * ``matmul_gflops``: fp32 matmul of the critic's largest layer shape (batch 256 x H x 4H);
-* per critic width: ``flops_per_update`` (XLA cost analysis of one gradient step),
-  ``updates_per_s``, ``achieved_gflops`` and ``efficiency = achieved / matmul``.
+* ``updates``: per critic width, ``flops_per_update`` (XLA cost analysis of one gradient step),
+  ``updates_per_s``, ``achieved_gflops`` and ``efficiency = achieved / matmul``;
+* ``end_to_end``: the real train loop on humanoid-run (default SAC, UTD 2) over >= 60 s of
+  learning after warm-up: ``agent_steps_per_s``, the FLOP-limited rate
+  ``matmul_gflops / (flops_per_update * utd)``, their ratio, and the share of wall time per phase;
+* ``seeds``: the vmapped update over 1, 2, 4, 8 stacked seeds: seed-updates per second.
 
-    python benchmarks/bench.py --out bench.json [--widths 512 1024 2048] [--seconds 5]
+    python benchmarks/bench.py --out bench.json [--widths 512 1024 2048] [--seconds 5] [--learn-seconds 60]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import agents, config, inspection
+from sparserl import agents, config, inspection, train
 from sparserl.agents.common import Batch, ObsStats
 
 OBS_DIM, ACTION_DIM = 67, 21  # humanoid
@@ -68,12 +73,57 @@ def update_benchmark(width: int, utd: int, seconds: float) -> dict:
             "updates_per_s": updates_per_s, "achieved_gflops": updates_per_s * flops / 1e9}
 
 
+def end_to_end(learn_seconds: float, update_rate: float) -> dict:
+    """Train humanoid-run for about ``learn_seconds`` of learning; time shares from the loop's timers."""
+    warmup = 500
+    learn_steps = max(200, int(learn_seconds * update_rate / 2))  # UTD 2: two updates per agent step
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.build({"env": "humanoid-run", "warmup_steps": warmup, "env_steps": 2 * (warmup + learn_steps),
+                            "eval_every": 2 * warmup, "eval_episodes": 1, "final_eval_episodes": 1,
+                            "checkpoint_every": 10**9, "progress": False, "run_dir": str(Path(tmp) / "run")})
+        summary = train.train(cfg, log=lambda msg: None)
+        rows = list(csv.DictReader(open(Path(tmp) / "run" / "metrics.csv")))
+    learn_wall = float(rows[-1]["wall_time"]) - float(rows[0]["wall_time"])
+    return {"env": cfg.env, "warmup_agent_steps": warmup, "learning_agent_steps": learn_steps,
+            "learning_seconds": learn_wall, "agent_steps_per_s": learn_steps / learn_wall,
+            "time_share": summary["time_share"]}
+
+
+def seed_scaling(counts: list[int], seconds: float) -> list[dict]:
+    cfg = config.build({"utd": 2}, check_env=False)
+    agent = agents.get(cfg.agent)
+    b = cfg.batch_size
+    out = []
+    for n in counts:
+        states = [agent.init(config.build({"seed": i}, check_env=False), OBS_DIM, ACTION_DIM) for i in range(n)]
+        state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+        del states
+        rng = np.random.default_rng(0)
+        batches = Batch(*(jnp.asarray(rng.normal(size=(n, *s)).astype(np.float32)) for s in
+                          [(2, b, OBS_DIM), (2, b, ACTION_DIM), (2, b), (2, b), (2, b, OBS_DIM)]))
+        stats = ObsStats(jnp.zeros((n, OBS_DIM)), jnp.ones((n, OBS_DIM)))
+        update = jax.jit(jax.vmap(lambda s, bt, st: agent.update(s, bt, st, cfg)), donate_argnums=0)
+        holder = [state]
+
+        def step():
+            holder[0], metrics = update(holder[0], batches, stats)
+            jax.block_until_ready(metrics)
+
+        rate = timed(step, seconds) * 2
+        out.append({"seeds": n, "updates_per_s": rate, "seed_updates_per_s": rate * n})
+        print(f"  {n} seeds: {rate * n:.1f} seed-updates/s ({rate:.1f} updates/s each)", flush=True)
+        del holder, state
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per measurement")
     parser.add_argument("--utd", type=int, default=2, help="gradient steps per jitted call")
+    parser.add_argument("--learn-seconds", type=float, default=60.0, help="end-to-end learning time (0: skip)")
+    parser.add_argument("--seed-counts", type=int, nargs="*", default=[1, 2, 4, 8])
     args = parser.parse_args()
 
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine(),
@@ -88,6 +138,22 @@ def main() -> None:
               f"{r['achieved_gflops']:>9.1f} {r['efficiency']:>10.2f}", flush=True)
         with open(args.out, "w") as f:  # incremental: a kill keeps what was measured
             json.dump(results, f, indent=1)
+    default = results["updates"][0]
+    if args.learn_seconds > 0:
+        e2e = end_to_end(args.learn_seconds, default["updates_per_s"])
+        e2e["flop_limited_agent_steps_per_s"] = results["matmul_gflops"] * 1e9 / (default["flops_per_update"] * 2)
+        e2e["ratio_to_flop_limited"] = e2e["agent_steps_per_s"] / e2e["flop_limited_agent_steps_per_s"]
+        results["end_to_end"] = e2e
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in e2e["time_share"].items())
+        print(f"end to end (humanoid-run, critic {default['critic_width']}): {e2e['agent_steps_per_s']:.2f} agent steps/s "
+              f"= {e2e['ratio_to_flop_limited']:.2f} x FLOP-limited {e2e['flop_limited_agent_steps_per_s']:.2f}; {shares}")
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.seed_counts:
+        print("vmapped seeds (default SAC):")
+        results["seeds"] = seed_scaling(args.seed_counts, args.seconds)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -93,7 +93,7 @@ class Config:
     checkpoint_every: int = _opt(100_000, low=1, doc="save a checkpoint every this many env steps (at an episode end)")
     keep_checkpoints: int = _opt(2, low=1, doc="checkpoints kept per run (older ones are deleted)")
     resume: bool = _opt(True, doc="continue the run found in run_dir (same config) from its last checkpoint")
-    run_dir: str | None = _opt(None, doc="output directory; default runs/<name> (runs/<name>/seed<k> for several seeds)")
+    run_dir: str | None = _opt(None, doc="output directory; default runs/<name>; with several seeds, <run_dir>/seed<k>")
     name: str | None = _opt(None, doc="run name; default built from agent, env, sizes, sparsities, seed")
     overwrite: bool = _opt(False, doc="replace an existing run directory")
     progress: bool = _opt(True, doc="show a progress bar")

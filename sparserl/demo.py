@@ -15,7 +15,7 @@ from sparserl import train
 from sparserl.config import ConfigError, build, parse_overrides
 
 DEMO_DEFAULTS = {
-    "agent": "sac", "env": "cartpole-balance", "env_steps": 20_000, "warmup_steps": 1_000,
+    "agent": "sac", "env": "cartpole-balance", "env_steps": 40_000, "warmup_steps": 1_000,
     "lr": 3e-4, "batch_size": 128, "utd": 1, "eval_every": 5_000, "eval_episodes": 5,
     "final_eval_episodes": 10, "actor.width": 64, "actor.blocks": 1, "overwrite": True,
 }
