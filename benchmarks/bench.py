@@ -129,13 +129,17 @@ def main() -> None:
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine(),
                "matmul_gflops": matmul_gflops(256, max(args.widths), args.seconds), "updates": []}
     print(f"matmul 256x{max(args.widths)}x{4 * max(args.widths)}: {results['matmul_gflops']:.1f} GFLOP/s")
-    print(f"{'critic':>8} {'params':>12} {'GFLOP/update':>13} {'updates/s':>10} {'GFLOP/s':>9} {'efficiency':>10}")
+    print(f"{'critic':>8} {'params':>12} {'GFLOP/update':>13} {'updates/s':>10} {'GFLOP/s':>9} {'efficiency':>10} "
+          f"{'vs own-shape matmul':>20}")
     for width in args.widths:
         r = update_benchmark(width, args.utd, args.seconds)
         r["efficiency"] = r["achieved_gflops"] / results["matmul_gflops"]
+        # the same ratio against a matmul of this critic's own largest layer (256 x H x 4H)
+        r["matmul_gflops_own_shape"] = matmul_gflops(256, width, args.seconds)
+        r["efficiency_own_shape"] = r["achieved_gflops"] / r["matmul_gflops_own_shape"]
         results["updates"].append(r)
         print(f"{width:>8} {r['total_params']:>12,} {r['flops_per_update'] / 1e9:>13.2f} {r['updates_per_s']:>10.1f} "
-              f"{r['achieved_gflops']:>9.1f} {r['efficiency']:>10.2f}", flush=True)
+              f"{r['achieved_gflops']:>9.1f} {r['efficiency']:>10.2f} {r['efficiency_own_shape']:>20.2f}", flush=True)
         with open(args.out, "w") as f:  # incremental: a kill keeps what was measured
             json.dump(results, f, indent=1)
     default = results["updates"][0]

@@ -23,6 +23,10 @@ TRAIN_EPILOG = textwrap.dedent("""\
       sparserl train configs/humanoid_run.yaml critic.sparsity=0.9 seed=1
       sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 critic.sparsity=0.9
       sparserl train env=gym:HalfCheetah-v5 action_repeat=1
+      sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
+
+    Rerunning the same command on an existing run directory resumes it from its last checkpoint.
+    Exit codes: 0 done, 2 bad input (nothing written), 3 stopped on NaN/inf (last good checkpoint kept).
 
     Every key, its default and allowed values: docs/config.md (or `sparserl inspect --keys`).""")
 
