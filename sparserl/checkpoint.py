@@ -71,6 +71,8 @@ def unflatten_like(template, arrays: dict[str, np.ndarray], prefix: str):
 
 def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any], keep: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.tmp"):  # left by a kill during an earlier write
+        stale.unlink()
     npz = directory / f"step_{step:010d}.npz"
     _write_atomic(npz, lambda f: np.savez(f, **arrays))
     meta = {**meta, "format": FORMAT, "step": step, "npz_sha256": _sha256(npz), "npz_bytes": npz.stat().st_size}
@@ -119,6 +121,6 @@ def latest_valid(directory: Path, at_most: int | None = None, log: Callable[[str
         try:
             return load(directory, step)
         except CheckpointError as e:
-            log(f"warning: {e}; using the previous checkpoint")
+            log(f"warning: {e}; trying the previous checkpoint")
             quarantine(directory, step)
     return None

@@ -206,7 +206,8 @@ def _save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
         "sample_rng": s.sample_rng.bit_generator.state, "action_rng": s.action_rng.bit_generator.state,
         "env_rng": s.env.rng_state(), "eval_env_rng": s.eval_env.rng_state(), "needs_reset": s.needs_reset,
         "obs": None if s.obs is None else s.obs.tolist(), "episode_return": s.episode_return,
-        "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows, **extra,
+        "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows,
+        "final_eval_returns": None if s.summary_eval is None else s.summary_eval.tolist(), **extra,
     }
     checkpoint.save(s.run_dir / "checkpoints", agent_step, arrays, meta, keep=s.cfg.keep_checkpoints)
 
@@ -230,8 +231,26 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
     s.obs = None
     s.episode_return, s.episodes = meta["episode_return"], meta["episodes"]
     s.row_returns, s.csv_rows = list(meta["row_returns"]), meta["csv_rows"]
+    if meta["final_eval_returns"] is not None:  # killed after the final checkpoint, before summary.json
+        s.summary_eval = np.asarray(meta["final_eval_returns"])
     _truncate_csv(s.run_dir / "metrics.csv", s.csv_rows)
     return state, sums
+
+
+def _clear_run_dir(run_dir: Path, keep_corrupt: bool) -> None:
+    """Empty a run directory to start over; quarantined ``*.corrupt`` checkpoints stay unless overwriting."""
+    if not keep_corrupt:
+        shutil.rmtree(run_dir)
+        return
+    for p in run_dir.iterdir():
+        if p.name == "checkpoints" and p.is_dir():
+            for f in p.iterdir():
+                if not f.name.endswith(".corrupt"):
+                    f.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _truncate_csv(path: Path, rows: int) -> None:
@@ -337,8 +356,11 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         for c in seed_cfgs:
             log(f"[{c.resolved_run_dir.name}] already finished; delete it or pass overwrite=true to train again")
         return summaries[0] if len(summaries) == 1 else summaries
-    if "finished" in statuses:
-        raise ConfigError("some seeds' run directories are finished and others are not; run the unfinished seeds alone")
+    if set(statuses) == {"finished", "resume"}:
+        statuses = ["resume"] * len(statuses)  # killed between the seeds' summaries: all resume at the end
+    if len(set(statuses)) > 1:
+        raise ConfigError(f"the seeds' run directories are in different states ({', '.join(statuses)}); "
+                          f"resume or run the seeds separately, or pass overwrite=true")
     cfg0 = seed_cfgs[0]  # static config of the jitted functions (only the seed differs between seeds)
     agent = agents.get(cfg.agent)
     seeds = [_make_seed(c) for c in seed_cfgs]
@@ -374,9 +396,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             log(f"[{seeds[0].run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
     if statuses[0] == "new":
         for s, c, st in zip(seeds, seed_cfgs, stats):
-            if s.run_dir.exists():
-                shutil.rmtree(s.run_dir)  # overwrite=true, or a run killed before its first checkpoint
-            s.run_dir.mkdir(parents=True)
+            if s.run_dir.exists():  # overwrite=true, or a run without a usable checkpoint
+                _clear_run_dir(s.run_dir, keep_corrupt=not cfg.overwrite)
+            s.run_dir.mkdir(parents=True, exist_ok=True)
             (s.run_dir / "config.yaml").write_text(to_yaml(c))
             (s.run_dir / "model.json").write_text(json.dumps(st, indent=1))
             with open(s.run_dir / "metrics.csv", "w", newline="") as f:
