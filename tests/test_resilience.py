@@ -360,6 +360,13 @@ def test_multi_seed_loop_equals_single_seed_runs(tmp_path):
         assert again[k]["final_return"] == summaries[k]["final_return"]
         assert checkpoint.complete_steps(resumed / f"seed{k}" / "checkpoints") == [1000, 1500]
 
+    # a kill between the seeds' summary.json writes: the rerun completes the missing summary
+    (resumed / "seed1" / "summary.json").unlink()
+    finished = train.train(config.from_args(None, short + ["seeds=0,1", f"run_dir={resumed}"]), log=lambda m: None)
+    assert [f["final_return"] for f in finished] == [s["final_return"] for s in summaries]
+    assert (resumed / "seed1" / "summary.json").is_file()
+    assert_same_metrics(resumed / "seed1", multi / "seed1")
+
 
 def test_num_seeds_resolves_to_consecutive_seeds(tmp_path):
     cfg = config.from_args(None, ARGS + ["num_seeds=2", "seed=5", f"run_dir={tmp_path / 'r'}"])
