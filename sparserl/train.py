@@ -38,12 +38,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from sparserl import agents, checkpoint, envs, sparsity
+from sparserl.agents import common
 from sparserl.agents.common import ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
 from sparserl.replay import ReplayBuffer
 
 BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
                 "eval_episodes")
+NORM_COLUMNS = ("actor_param_norm", "critic_param_norm")  # at the row's step (a pass over memory: not per update)
 TAIL_COLUMNS = ("steps_per_s", "wall_time")  # timing: the only columns that differ between identical runs
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "seed_parallel",
@@ -55,11 +57,7 @@ class NumericalFault(RuntimeError):
 
 
 def metric_columns(cfg: Config) -> tuple[str, ...]:
-    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + TAIL_COLUMNS
-
-
-def fault_quantities(cfg: Config) -> tuple[str, ...]:
-    return agents.get(cfg.agent).METRICS + ("actor parameters", "critic parameters")
+    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + NORM_COLUMNS + TAIL_COLUMNS
 
 
 def model_stats(state) -> dict[str, Any]:
@@ -280,9 +278,10 @@ class SeedGroup:
 
     def __init__(self, agent, cfg: Config, seed_cfgs: list[Config], states: list, vmapped: bool):
         self.agent, self.cfg, self.vmapped, self.n = agent, cfg, vmapped, len(states)
-        self.quantities = fault_quantities(cfg)
         keys = [jax.random.fold_in(jax.random.PRNGKey(c.seed), 0xAC7) for c in seed_cfgs]
         sums = [fresh_sums(self.agent) for _ in states]
+        norms = lambda st: {f"{n}_param_norm": common.global_norm(m.params) for n, m in agents.modules(st).items()}
+        self.norms_fn = jax.jit(jax.vmap(norms) if vmapped else norms)
         policy = jax.jit(self._policy, static_argnums=5)
         learn = jax.jit(self._learn, donate_argnums=(0, 1))
         if vmapped:
@@ -299,10 +298,9 @@ class SeedGroup:
 
     def _learn(self, state, sums, batches, obs_stats, first_step):
         state, metrics = self.agent.update(state, batches, obs_stats, self.cfg)
-        bad = [~jnp.isfinite(metrics[k]).all() for k in self.agent.METRICS]
-        bad += [~jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(m.params)]))
-                for m in agents.modules(state).values()]
-        bad = jnp.stack(bad)
+        # Losses and gradient norms turn non-finite as soon as any parameter does: checking these
+        # scalars every step costs nothing, unlike a pass over all parameters.
+        bad = jnp.stack([~jnp.isfinite(metrics[k]).all() for k in self.agent.METRICS])
         new_fault = (sums["_fault"] < 0) & bad.any()
         out = {k: sums[k] + metrics[k].mean() for k in self.agent.METRICS}
         out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
@@ -338,6 +336,12 @@ class SeedGroup:
     def host_states(self) -> list:
         host = jax.device_get(self.states)
         return [_take(host, i) for i in range(self.n)] if self.vmapped else host
+
+    def param_norms(self) -> list[dict]:
+        if self.vmapped:
+            host = jax.device_get(self.norms_fn(self.states))
+            return [_take(host, i) for i in range(self.n)]
+        return jax.device_get([self.norms_fn(st) for st in self.states])
 
     def actor_params(self, i: int):
         return _take(self.states.actor.params, i) if self.vmapped else self.states[i].actor.params
@@ -423,19 +427,23 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     bar = tqdm(total=cfg.env_steps, initial=start_step * cfg.action_repeat, unit="step", disable=not cfg.progress,
                dynamic_ncols=True, desc=name[:40], file=sys.stderr)
 
-    def check_faults(host_sums: list[dict]) -> None:
-        for s, sums_i in zip(seeds, host_sums):
-            idx = int(sums_i["_fault"])
-            if idx >= 0:
-                step = int(sums_i["_fault_step"])
-                msg = (f"non-finite {group.quantities[idx]} at agent step {step} (env step {step * cfg.action_repeat}); "
-                       f"last good checkpoint kept in {s.run_dir / 'checkpoints'}")
-                (s.run_dir / "error.txt").write_text(msg + "\n")
-                raise NumericalFault(f"[{s.run_dir.name}] {msg}")
+    def stop(s: Seed, quantity: str, step: int) -> None:
+        msg = (f"non-finite {quantity} at agent step {step} (env step {step * cfg.action_repeat}); "
+               f"last good checkpoint kept in {s.run_dir / 'checkpoints'}")
+        (s.run_dir / "error.txt").write_text(msg + "\n")
+        raise NumericalFault(f"[{s.run_dir.name}] {msg}")
+
+    def check_faults(host_sums: list[dict], norms: list[dict], agent_step: int) -> None:
+        for s, sums_i, norms_i in zip(seeds, host_sums, norms):
+            if int(sums_i["_fault"]) >= 0:
+                stop(s, agent.METRICS[int(sums_i["_fault"])], int(sums_i["_fault_step"]))
+            for key, value in norms_i.items():
+                if not np.isfinite(value):
+                    stop(s, key.replace("_param_norm", " parameters"), agent_step)
 
     def save_checkpoints(agent_step: int) -> None:
         host_sums = group.host_sums()
-        check_faults(host_sums)  # never save a faulty state
+        check_faults(host_sums, group.param_norms(), agent_step)  # never save a faulty state
         extra = {"wall_time": time.perf_counter() - start, "timers": timers.seconds, "updates_in_row": updates_in_row}
         for s, state_i, sums_i in zip(seeds, group.host_states(), host_sums):
             _save_seed(s, state_i, sums_i, agent_step, extra)
@@ -478,8 +486,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             bar.update(cfg.action_repeat)
             is_last = agent_step + 1 == cfg.agent_steps
             if env_step % cfg.eval_every < cfg.action_repeat or is_last:
-                host_sums = group.host_sums()
-                check_faults(host_sums)
+                host_sums, norms = group.host_sums(), group.param_norms()
+                check_faults(host_sums, norms, agent_step + 1)
                 n_eval = cfg.final_eval_episodes if is_last else cfg.eval_episodes
                 eval_stats = [s.obs_stats() for s in seeds]
                 all_returns = evaluate_lockstep([s.eval_env for s in seeds], deterministic_actions, n_eval)
@@ -490,7 +498,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                     row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": s.episodes,
                            "train_return": float(np.mean(s.row_returns)) if s.row_returns else float("nan"),
                            "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
-                           "eval_episodes": n_eval, **means,
+                           "eval_episodes": n_eval, **means, **norms[i],
                            "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start),
                            "wall_time": now - start}
                     writers[i].writerow({k: _fmt(row.get(k)) for k in columns})

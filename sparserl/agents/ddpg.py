@@ -19,7 +19,7 @@ from sparserl.agents.common import Batch, Module, ObsStats
 from sparserl.config import Config
 
 METRICS = ("critic_loss", "actor_loss", "q_mean",
-           "actor_grad_norm", "critic_grad_norm", "actor_param_norm", "critic_param_norm")
+           "actor_grad_norm", "critic_grad_norm")
 
 
 class DDPGState(NamedTuple):
@@ -69,8 +69,7 @@ def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
     target = common.polyak(state.target, critic.params, cfg.tau)
 
     metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, q_mean=q_mean,
-                   actor_grad_norm=actor_grad_norm, critic_grad_norm=critic_grad_norm,
-                   actor_param_norm=common.global_norm(actor.params), critic_param_norm=common.global_norm(critic.params))
+                   actor_grad_norm=actor_grad_norm, critic_grad_norm=critic_grad_norm)
     return DDPGState(actor, critic, target), metrics
 
 

@@ -20,7 +20,7 @@ from sparserl.agents.common import Batch, Module, ObsStats
 from sparserl.config import Config
 
 METRICS = ("critic_loss", "actor_loss", "temperature", "entropy", "q_mean",
-           "actor_grad_norm", "critic_grad_norm", "actor_param_norm", "critic_param_norm")
+           "actor_grad_norm", "critic_grad_norm")
 
 
 class SACState(NamedTuple):
@@ -102,8 +102,7 @@ def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
 
     metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, temperature=jnp.exp(log_temp),
                    entropy=entropy, q_mean=q_mean, actor_grad_norm=actor_grad_norm,
-                   critic_grad_norm=critic_grad_norm, actor_param_norm=common.global_norm(actor.params),
-                   critic_param_norm=common.global_norm(critic.params))
+                   critic_grad_norm=critic_grad_norm)
     return SACState(actor, critic, target, log_temp, temp_opt_state, key), metrics
 
 
