@@ -36,6 +36,12 @@ INSPECT_EPILOG = textwrap.dedent("""\
       sparserl inspect critic.sparsity=0.9 --json
       sparserl inspect critic.width=2048 critic.blocks=3 actor.width=1024 critic.sparsity=0.9 --no-flops""")
 
+DIAGNOSE_EPILOG = textwrap.dedent("""\
+    examples:
+      sparserl diagnose runs/sac-humanoid-run-a128x1s0-c512x2s0-seed0
+      sparserl diagnose runs/dense runs/sparse --plasticity --plasticity-steps 1000
+      sparserl diagnose --simplicity arch=simba --widths 128,512,2048 --sparsities 0,0.8,0.9""")
+
 DEMO_EPILOG = textwrap.dedent("""\
     examples:
       sparserl demo                       # dense vs sparse SAC on cartpole-balance, a few minutes on 2 cores
@@ -88,6 +94,41 @@ def cmd_inspect(ns) -> int:
     return 0
 
 
+def cmd_diagnose(ns) -> int:
+    from pathlib import Path
+
+    from sparserl import diagnose
+
+    if ns.simplicity:
+        widths = [int(w) for w in ns.widths.split(",")]
+        sparsities = [float(x) for x in ns.sparsities.split(",")]
+        bad = [x for x in sparsities if not 0 <= x < 1]
+        if bad or any(w <= 0 for w in widths):
+            raise ConfigError(f"--widths/--sparsities: widths must be positive and sparsities in [0, 1), got "
+                              f"{ns.widths!r} / {ns.sparsities!r}")
+        base = _config(ns.targets, {"env": "cartpole-balance"})
+        rows = diagnose.simplicity_grid(widths, sparsities, base, ns.inits, Path(ns.out))
+        print(f"{'width':>6} {'sparsity':>8} {'simplicity':>10}")
+        for r in rows:
+            print(f"{r['width']:>6} {r['sparsity']:>8g} {r['simplicity']:>10.4f}")
+        print(f"plot: {Path(ns.out) / 'simplicity.png'}")
+        return 0
+    if not ns.targets:
+        raise ConfigError("diagnose: give one or more RUN_DIRs, or --simplicity")
+    for target in ns.targets:
+        run_dir = Path(target)
+        if not run_dir.is_dir():
+            raise ConfigError(f"RUN_DIR {target!r}: no such directory")
+    for target in ns.targets:
+        result = diagnose.diagnose_run(Path(target), ns.plasticity_steps if ns.plasticity else None)
+        print(f"== {target} (env step {result['env_step']})")
+        for k, v in result.items():
+            if k not in ("run_dir", "env_step"):
+                print(f"  {k:<36} {v:.6g}")
+        print(f"  written: {Path(target) / 'diagnose'}/ (metrics.json, cosine_*.npy, cosine_*.png)")
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from sparserl import demo
 
@@ -120,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true", help="skip compiling the update for its FLOP count")
     p.add_argument("--keys", action="store_true", help="list every config key with default and meaning")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("diagnose", help="diagnostics of saved runs, plasticity probe, simplicity scores",
+                       epilog=DIAGNOSE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Recompute srank, dormant ratios, norms and gradient interference from a run's "
+                                   "last checkpoint (RUN_DIR/diagnose/), optionally the plasticity probe; or "
+                                   "score the simplicity of fresh networks over widths x sparsities.")
+    p.add_argument("targets", nargs="*", metavar="RUN_DIR | key=value",
+                   help="run directories; with --simplicity, config overrides (arch=, critic.blocks=, sparsity.*)")
+    p.add_argument("--plasticity", action="store_true", help="also fit a copy of the critic to random targets")
+    p.add_argument("--plasticity-steps", type=int, default=500, help="steps of the plasticity probe (default 500)")
+    p.add_argument("--simplicity", action="store_true", help="simplicity scores over --widths x --sparsities")
+    p.add_argument("--widths", default="64,128,256,512", help="comma-separated widths (default 64,128,256,512)")
+    p.add_argument("--sparsities", default="0,0.5,0.9", help="comma-separated sparsities (default 0,0.5,0.9)")
+    p.add_argument("--inits", type=int, default=5, help="random initialisations averaged per point (default 5)")
+    p.add_argument("--out", default="runs/simplicity", help="where --simplicity writes its plot and JSON")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="small dense vs sparse comparison (a few minutes on a CPU)",
                        epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -66,6 +66,12 @@ class DDPGConfig:
 
 
 @dataclass(frozen=True)
+class ResetConfig:
+    every: int = _opt(0, low=0, doc="reset actor and critic parameters and optimizer states every this many env "
+                                    "steps (masks and buffer kept; 0 = never)")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: str = _opt("sac", choices=("sac", "ddpg"), doc="learning algorithm")
     env: str = _opt("humanoid-run", doc="DMC task as domain-task, or a Gymnasium id as gym:Id")
@@ -90,6 +96,10 @@ class Config:
     eval_every: int = _opt(10_000, low=1, doc="evaluate every this many env steps")
     eval_episodes: int = _opt(10, low=1, doc="episodes per periodic evaluation")
     final_eval_episodes: int = _opt(100, low=1, doc="episodes of the final evaluation")
+    diag_every: int = _opt(10_000, low=0, doc="diagnostics (srank, dormant units, norms, gradient interference) every "
+                                             "this many env steps into diagnostics.csv; 0 = off")
+    diag_probe_size: int = _opt(1024, low=2, doc="transitions in the fixed probe set of the diagnostics")
+    diag_grad_samples: int = _opt(32, low=2, doc="per-sample gradients in the gradient-interference matrix")
     checkpoint_every: int = _opt(100_000, low=1, doc="save a checkpoint every this many env steps (at an episode end)")
     keep_checkpoints: int = _opt(2, low=1, doc="checkpoints kept per run (older ones are deleted)")
     resume: bool = _opt(True, doc="continue the run found in run_dir (same config) from its last checkpoint")
@@ -100,6 +110,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    reset: ResetConfig = field(default_factory=ResetConfig)
     sac: SACConfig = field(default_factory=SACConfig)
     ddpg: DDPGConfig = field(default_factory=DDPGConfig)
 

@@ -55,21 +55,36 @@ def init_encoder(key, in_dim: int, width: int, blocks: int, arch: str = "simba")
     return params
 
 
-def encoder(params: dict, x: jax.Array) -> jax.Array:
-    """Apply a SimBa or MLP encoder (the architecture is read from the parameter names)."""
+def encoder(params: dict, x: jax.Array, capture: dict | None = None) -> jax.Array:
+    """Apply a SimBa or MLP encoder (the architecture is read from the parameter names).
+
+    With ``capture`` (a dict), intermediate activations are stored in it for diagnostics:
+    ``pre_act/<layer>`` and ``post_act/<layer>`` around each ReLU, and ``features_pre_norm`` (the
+    residual stream before SimBa's final LayerNorm, whose norm the LayerNorm would hide).
+    """
+    def relu(name, h):
+        out = jax.nn.relu(h)
+        if capture is not None:
+            capture[f"pre_act/{name}"], capture[f"post_act/{name}"] = h, out
+        return out
+
     if "final_norm" in params:  # SimBa
         h = dense(params["embed"], x)
         i = 0
         while f"block{i}" in params:
             b = params[f"block{i}"]
-            h = h + dense(b["out"], jax.nn.relu(dense(b["hidden"], layer_norm(b["norm"], h))))
+            h = h + dense(b["out"], relu(f"block{i}", dense(b["hidden"], layer_norm(b["norm"], h))))
             i += 1
+        if capture is not None:
+            capture["features_pre_norm"] = h
         return layer_norm(params["final_norm"], h)
-    h = jax.nn.relu(dense(params["embed"], x))
+    h = relu("embed", dense(params["embed"], x))
     i = 0
     while f"layer{i}" in params:
-        h = jax.nn.relu(dense(params[f"layer{i}"], h))
+        h = relu(f"layer{i}", dense(params[f"layer{i}"], h))
         i += 1
+    if capture is not None:
+        capture["features_pre_norm"] = h
     return h
 
 

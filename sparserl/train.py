@@ -21,6 +21,7 @@ a numerical fault.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -37,9 +38,9 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, sparsity
+from sparserl import agents, checkpoint, envs, probe, sparsity
 from sparserl.agents import common
-from sparserl.agents.common import ObsStats, normalize
+from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
 from sparserl.replay import ReplayBuffer
 
@@ -170,6 +171,8 @@ class Seed:
     row_returns: list = field(default_factory=list)
     csv_rows: int = 0
     summary_eval: np.ndarray | None = None
+    probe: Any = None  # the fixed probe set of the diagnostics (a Batch), drawn at the first diagnostic
+    diag_rows: int = 0
 
     def obs_stats(self) -> ObsStats:
         dim = self.env.obs_dim
@@ -198,13 +201,15 @@ def _save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
     for name in ("obs", "action", "reward", "discount", "next_obs"):
         arrays[f"buffer/{name}"] = getattr(s.buffer, name)[:n]
     arrays["normalizer/mean"], arrays["normalizer/var"] = s.normalizer.mean, s.normalizer.var
+    if s.probe is not None:
+        arrays.update({f"probe/{k}": np.asarray(v) for k, v in s.probe._asdict().items()})
     meta = {
         "agent_step": agent_step, "env_step": agent_step * s.cfg.action_repeat, "buffer_size": n,
         "buffer_cursor": s.buffer.cursor, "normalizer_count": s.normalizer.count,
         "sample_rng": s.sample_rng.bit_generator.state, "action_rng": s.action_rng.bit_generator.state,
         "env_rng": s.env.rng_state(), "eval_env_rng": s.eval_env.rng_state(), "needs_reset": s.needs_reset,
         "obs": None if s.obs is None else s.obs.tolist(), "episode_return": s.episode_return,
-        "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows,
+        "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows, "diag_rows": s.diag_rows,
         "final_eval_returns": None if s.summary_eval is None else s.summary_eval.tolist(), **extra,
     }
     checkpoint.save(s.run_dir / "checkpoints", agent_step, arrays, meta, keep=s.cfg.keep_checkpoints)
@@ -232,6 +237,11 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
     if meta["final_eval_returns"] is not None:  # killed after the final checkpoint, before summary.json
         s.summary_eval = np.asarray(meta["final_eval_returns"])
     _truncate_csv(s.run_dir / "metrics.csv", s.csv_rows)
+    s.diag_rows = meta["diag_rows"]
+    if s.diag_rows:
+        _truncate_csv(s.run_dir / "diagnostics.csv", s.diag_rows)
+    if "probe/obs" in arrays:
+        s.probe = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     return state, sums
 
 
@@ -343,6 +353,15 @@ class SeedGroup:
             return [_take(host, i) for i in range(self.n)]
         return jax.device_get([self.norms_fn(st) for st in self.states])
 
+    def state(self, i: int):
+        return _take(self.states, i) if self.vmapped else self.states[i]
+
+    def replace_state(self, i: int, new_state) -> None:
+        if self.vmapped:
+            self.states = jax.tree_util.tree_map(lambda x, y: x.at[i].set(y), self.states, new_state)
+        else:
+            self.states[i] = new_state
+
     def actor_params(self, i: int):
         return _take(self.states.actor.params, i) if self.vmapped else self.states[i].actor.params
 
@@ -448,6 +467,34 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         for s, state_i, sums_i in zip(seeds, group.host_states(), host_sums):
             _save_seed(s, state_i, sums_i, agent_step, extra)
 
+    def run_diagnostics(env_step: int) -> None:
+        for i, s in enumerate(seeds):
+            if s.probe is None:  # its own RNG stream: diagnostics never change what training samples
+                rng = np.random.default_rng(envs.derive_seed(s.cfg.seed, 4))
+                idx = rng.choice(s.buffer.size, size=min(cfg.diag_probe_size, s.buffer.size), replace=False)
+                s.probe = Batch(s.buffer.obs[idx], s.buffer.action[idx], s.buffer.reward[idx],
+                                s.buffer.discount[idx], s.buffer.next_obs[idx])
+            key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
+            scalars, _ = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
+            row = {"env_step": env_step, **scalars}
+            path = s.run_dir / "diagnostics.csv"
+            with open(path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if s.diag_rows == 0:
+                    writer.writeheader()
+                writer.writerow({k: _fmt(v) for k, v in row.items()})
+            s.diag_rows += 1
+
+    def reset_networks(env_step: int) -> None:
+        """Fresh actor/critic parameters and optimizer states from a new init seed; same masks."""
+        count = env_step // cfg.reset.every
+        for i, c in enumerate(seed_cfgs):
+            init_cfg = dataclasses.replace(c, seed=envs.derive_seed(c.seed, 1000 + count) % 2**31,
+                                           sparsity=dataclasses.replace(c.sparsity, seed=c.mask_seed))
+            fresh = agent.init(init_cfg, obs_dim, action_dim)
+            group.replace_state(i, group.state(i)._replace(actor=fresh.actor, critic=fresh.critic, target=fresh.target))
+        log(f"[{name}] env_step {env_step}: reset actor and critic (reset {count})")
+
     try:
         for agent_step in range(start_step, cfg.agent_steps):
             t = time.perf_counter()
@@ -514,6 +561,12 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                 updates_in_row = 0
                 row_start, row_start_step = time.perf_counter(), agent_step + 1
                 t = timers.add("log", now)
+
+            if cfg.diag_every and env_step % cfg.diag_every < cfg.action_repeat and agent_step >= cfg.warmup_steps:
+                run_diagnostics(env_step)
+                t = timers.add("diagnostics", t)
+            if cfg.reset.every and env_step % cfg.reset.every < cfg.action_repeat and not is_last:
+                reset_networks(env_step)
 
             if env_step >= next_checkpoint and all(s.needs_reset for s in seeds):
                 save_checkpoints(agent_step + 1)

@@ -52,17 +52,42 @@ def act(actor_params, obs: jax.Array, key: jax.Array, deterministic: bool, cfg: 
     return jnp.clip(action + cfg.ddpg.noise_std * jax.random.normal(key, action.shape), -1.0, 1.0)
 
 
+def actor_losses(actor_params, critic_params, obs) -> jax.Array:
+    """Per-sample actor loss ``-Q(s, pi(s))``."""
+    return -common.q_value(critic_params, obs, policy(actor_params, obs))
+
+
+def td_targets(target_params, actor_params, next_obs, reward, discount, cfg: Config) -> jax.Array:
+    next_q = common.q_value(target_params, next_obs, policy(actor_params, next_obs))
+    return jax.lax.stop_gradient(reward + cfg.gamma * discount * next_q)
+
+
+def diagnostic_losses(state: DDPGState, batch: Batch, stats: ObsStats, key, cfg: Config):
+    """Per-example losses for gradient-interference probes (see sac.diagnostic_losses)."""
+    del key
+    obs, next_obs = common.normalize(batch.obs, stats), common.normalize(batch.next_obs, stats)
+    target_q = td_targets(state.target, state.actor.params, next_obs, batch.reward, batch.discount, cfg)
+    examples = {"obs": obs, "action": batch.action, "target": target_q}
+
+    def actor_fn(params, ex):
+        return actor_losses(params, state.critic.params, ex["obs"][None])[0]
+
+    def critic_fn(params, ex):
+        return common.critic_loss(params, ex["obs"][None], ex["action"][None], ex["target"][None])[0]
+
+    return actor_fn, critic_fn, examples
+
+
 def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
     obs, next_obs = common.normalize(batch.obs, stats), common.normalize(batch.next_obs, stats)
 
     def actor_loss_fn(params):
-        return -common.q_value(state.critic.params, obs, policy(params, obs)).mean()
+        return actor_losses(params, state.critic.params, obs).mean()
 
     actor_loss, actor_grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
 
-    next_q = common.q_value(state.target, next_obs, policy(actor.params, next_obs))
-    target_q = jax.lax.stop_gradient(batch.reward + cfg.gamma * batch.discount * next_q)
+    target_q = td_targets(state.target, actor.params, next_obs, batch.reward, batch.discount, cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(common.critic_loss, has_aux=True)(
         state.critic.params, obs, batch.action, target_q)
     critic, critic_grad_norm = common.step_module(cfg, state.critic, critic_grads)

@@ -73,15 +73,46 @@ def act(actor_params, obs: jax.Array, key: jax.Array, deterministic: bool, cfg: 
     return sample_action(actor_params, obs, key, cfg)[0]
 
 
+def actor_losses(actor_params, critic_params, obs, key, temp, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """Per-sample actor loss ``temp * log pi(a|s) - Q(s, a)`` and the log-probabilities."""
+    action, logp = sample_action(actor_params, obs, key, cfg)
+    return temp * logp - common.q_value(critic_params, obs, action), logp
+
+
+def td_targets(target_params, actor_params, next_obs, reward, discount, key, temp, cfg: Config) -> jax.Array:
+    """Soft TD targets ``r + gamma * d * (Q_target(s', a') - temp * log pi(a'|s'))``, ``a' ~ pi(s')``."""
+    next_action, next_logp = sample_action(actor_params, next_obs, key, cfg)
+    next_q = common.q_value(target_params, next_obs, next_action)
+    return jax.lax.stop_gradient(reward + cfg.gamma * discount * (next_q - temp * next_logp))
+
+
+def diagnostic_losses(state: SACState, batch: Batch, stats: ObsStats, key, cfg: Config):
+    """Per-example losses for gradient-interference probes: ``(actor_fn, critic_fn, examples)`` where
+    each fn maps ``(params, example) -> scalar`` with the other networks and the targets held fixed."""
+    obs, next_obs = common.normalize(batch.obs, stats), common.normalize(batch.next_obs, stats)
+    k_actor, k_next = jax.random.split(key)
+    temp = jnp.exp(state.log_temp)
+    target_q = td_targets(state.target, state.actor.params, next_obs, batch.reward, batch.discount, k_next, temp, cfg)
+    keys = jax.random.split(k_actor, obs.shape[0])
+    examples = {"obs": obs, "action": batch.action, "target": target_q, "key": keys}
+
+    def actor_fn(params, ex):
+        return actor_losses(params, state.critic.params, ex["obs"][None], ex["key"], temp, cfg)[0][0]
+
+    def critic_fn(params, ex):
+        return common.critic_loss(params, ex["obs"][None], ex["action"][None], ex["target"][None])[0]
+
+    return actor_fn, critic_fn, examples
+
+
 def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
     obs, next_obs = common.normalize(batch.obs, stats), common.normalize(batch.next_obs, stats)
     key, k_actor, k_next = jax.random.split(state.key, 3)
     temp = jnp.exp(state.log_temp)
 
     def actor_loss_fn(params):
-        action, logp = sample_action(params, obs, k_actor, cfg)
-        q = common.q_value(state.critic.params, obs, action)
-        return (temp * logp - q).mean(), -logp.mean()
+        losses, logp = actor_losses(params, state.critic.params, obs, k_actor, temp, cfg)
+        return losses.mean(), -logp.mean()
 
     (actor_loss, entropy), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
@@ -91,10 +122,8 @@ def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
     temp_updates, temp_opt_state = optax.adam(cfg.lr).update(temp_grad, state.temp_opt_state)
     log_temp = optax.apply_updates(state.log_temp, temp_updates)
 
-    next_action, next_logp = sample_action(actor.params, next_obs, k_next, cfg)
-    next_q = common.q_value(state.target, next_obs, next_action)
-    target_q = batch.reward + cfg.gamma * batch.discount * (next_q - jnp.exp(log_temp) * next_logp)
-    target_q = jax.lax.stop_gradient(target_q)
+    target_q = td_targets(state.target, actor.params, next_obs, batch.reward, batch.discount, k_next,
+                          jnp.exp(log_temp), cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(common.critic_loss, has_aux=True)(
         state.critic.params, obs, batch.action, target_q)
     critic, critic_grad_norm = common.step_module(cfg, state.critic, critic_grads)

@@ -1,0 +1,140 @@
+"""``sparserl diagnose``: diagnostics of saved runs, the plasticity probe, and simplicity scores.
+
+* ``diagnose RUN_DIR``: loads the run's newest valid checkpoint, recomputes every metric of
+  :func:`sparserl.probe.measure` on the run's probe set (or a fresh one drawn from the saved
+  buffer), and writes ``RUN_DIR/diagnose/``: ``metrics.json``, the N x N gradient-cosine matrices
+  (``cosine_actor.npy``, ``cosine_critic.npy``) and their heatmaps (``cosine_*.png``).
+* ``--plasticity``: fits a copy of the critic (its mask kept) to fresh random targets on the probe
+  inputs for a fixed number of steps; the remaining loss measures lost plasticity.
+* ``--simplicity``: simplicity scores of freshly initialised encoders over a grid of widths x
+  sparsities (no run needed), as a table and ``simplicity.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from sparserl import agents, checkpoint, config, diagnostics, envs, networks, probe, sparsity
+from sparserl.agents.common import Batch, ObsStats, normalize
+from sparserl.config import ConfigError
+
+
+def load_run(run_dir: Path):
+    """``(cfg, state, probe_batch, obs_stats, meta)`` from a run directory's newest valid checkpoint."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{str(run_dir)!r}: not a sparserl run directory (no config.yaml)")
+    cfg = config.build(config.flatten(yaml.safe_load(cfg_path.read_text())), check_env=False)
+    loaded = checkpoint.latest_valid(run_dir / "checkpoints", log=lambda m: print(m))
+    if loaded is None:
+        raise ConfigError(f"{str(run_dir)!r}: has no usable checkpoint yet")
+    arrays, meta = loaded
+    obs_dim, action_dim = arrays["buffer/obs"].shape[1], arrays["buffer/action"].shape[1]
+    agent = agents.get(cfg.agent)
+    state = checkpoint.unflatten_like(agent.init(cfg, obs_dim, action_dim), arrays, "state")
+    if "probe/obs" in arrays:
+        batch = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
+    else:
+        rng = np.random.default_rng(envs.derive_seed(cfg.seed, 4))
+        n = arrays["buffer/obs"].shape[0]
+        idx = rng.choice(n, size=min(cfg.diag_probe_size, n), replace=False)
+        batch = Batch(*(arrays[f"buffer/{k}"][idx] for k in Batch._fields))
+    std = np.sqrt(arrays["normalizer/var"] + 1e-8) if cfg.obs_norm else np.ones(obs_dim)
+    mean = arrays["normalizer/mean"] if cfg.obs_norm else np.zeros(obs_dim)
+    return cfg, state, batch, ObsStats(mean.astype(np.float32), std.astype(np.float32)), meta
+
+
+def heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("sample")
+    ax.set_ylabel("sample")
+    fig.colorbar(im, ax=ax, label="gradient cosine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def critic_plasticity(cfg, state, batch: Batch, stats: ObsStats, steps: int, seed: int = 0) -> float:
+    """Final loss of a copy of the critic (mask kept) fitted to fresh random targets."""
+    inputs = jnp.concatenate([normalize(jnp.asarray(batch.obs), stats), jnp.asarray(batch.action)], -1)
+    obs_dim = batch.obs.shape[1]
+
+    def apply_fn(params, x):
+        return networks.critic(params, x[:, :obs_dim], x[:, obs_dim:]).T
+
+    return diagnostics.plasticity_probe(apply_fn, state.critic.params, inputs, jax.random.PRNGKey(seed),
+                                        steps=steps, lr=cfg.lr, mask=state.critic.mask)
+
+
+def diagnose_run(run_dir: Path, plasticity_steps: int | None = None) -> dict:
+    cfg, state, batch, stats, meta = load_run(run_dir)
+    key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(cfg.seed, 5)), meta["env_step"])  # as in training
+    scalars, cosines = probe.measure(state, batch, stats, key, cfg, cfg.diag_grad_samples)
+    result = {"run_dir": str(run_dir), "env_step": meta["env_step"], **scalars}
+    if plasticity_steps:
+        result["critic_plasticity_loss"] = critic_plasticity(cfg, state, batch, stats, plasticity_steps)
+        result["plasticity_steps"] = plasticity_steps
+    out = run_dir / "diagnose"
+    out.mkdir(exist_ok=True)
+    for name, cos in cosines.items():
+        np.save(out / f"cosine_{name}.npy", cos)
+        heatmap(cos, f"{name} per-sample gradient cosine (env step {meta['env_step']})", out / f"cosine_{name}.png")
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def simplicity_grid(widths: list[int], sparsities: list[float], base: config.Config, num_inits: int,
+                    out_dir: Path) -> list[dict]:
+    """Simplicity score of a critic-like encoder + dense head on 2-D inputs, per width x sparsity."""
+    rows = []
+    for width in widths:
+        for s in sparsities:
+            def init_fn(key, width=width, s=s):
+                k_enc, k_head, k_mask = jax.random.split(key, 3)
+                params = {"encoder": networks.init_encoder(k_enc, 2, width, base.critic.blocks, base.arch),
+                          "head": networks.init_dense(k_head, width, 1)}
+                mask = sparsity.make_mask(k_mask, params, s, base.sparsity.method, base.sparsity.budget,
+                                          base.sparsity.draw, always_dense=("head",))
+                return sparsity.apply_mask(params, mask)
+
+            def apply_fn(params, x):
+                return networks.dense(params["head"], networks.encoder(params["encoder"], x))
+
+            score = diagnostics.simplicity_score(apply_fn, init_fn, jax.random.PRNGKey(base.seed), num_inits=num_inits)
+            rows.append({"width": width, "sparsity": s, "simplicity": float(score)})
+    _plot_simplicity(rows, out_dir / "simplicity.png")
+    (out_dir / "simplicity.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _plot_simplicity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for s in sorted({r["sparsity"] for r in rows}):
+        pts = [(r["width"], r["simplicity"]) for r in rows if r["sparsity"] == s]
+        ax.plot(*zip(*pts), marker="o", label=f"sparsity {s:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("simplicity score (higher = simpler)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
