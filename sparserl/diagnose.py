@@ -91,7 +91,7 @@ def diagnose_run(run_dir: Path, plasticity_steps: int | None = None) -> dict:
     out.mkdir(exist_ok=True)
     for name, cos in cosines.items():
         np.save(out / f"cosine_{name}.npy", cos)
-        heatmap(cos, f"{name} per-sample gradient cosine (env step {meta['env_step']})", out / f"cosine_{name}.png")
+        heatmap(cos, f"{name} gradient cosine, env step {meta['env_step']}", out / f"cosine_{name}.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -181,6 +181,16 @@ class Seed:
         return ObsStats(self.normalizer.mean.astype(np.float32), self.normalizer.std.astype(np.float32))
 
 
+def reset_state(cfg: Config, state, count: int, obs_dim: int, action_dim: int):
+    """The ``count``-th periodic reset: fresh actor and critic parameters (a new init seed derived
+    from ``seed`` and ``count``), fresh optimizer states and target; the same masks (same mask seed);
+    everything else (temperature, RNG key) kept."""
+    init_cfg = dataclasses.replace(cfg, seed=envs.derive_seed(cfg.seed, 1000 + count) % 2**31,
+                                   sparsity=dataclasses.replace(cfg.sparsity, seed=cfg.mask_seed))
+    fresh = agents.get(cfg.agent).init(init_cfg, obs_dim, action_dim)
+    return state._replace(actor=fresh.actor, critic=fresh.critic, target=fresh.target)
+
+
 def _make_seed(cfg: Config) -> Seed:
     env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
     eval_env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 1), cfg.action_repeat)
@@ -486,13 +496,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             s.diag_rows += 1
 
     def reset_networks(env_step: int) -> None:
-        """Fresh actor/critic parameters and optimizer states from a new init seed; same masks."""
         count = env_step // cfg.reset.every
         for i, c in enumerate(seed_cfgs):
-            init_cfg = dataclasses.replace(c, seed=envs.derive_seed(c.seed, 1000 + count) % 2**31,
-                                           sparsity=dataclasses.replace(c.sparsity, seed=c.mask_seed))
-            fresh = agent.init(init_cfg, obs_dim, action_dim)
-            group.replace_state(i, group.state(i)._replace(actor=fresh.actor, critic=fresh.critic, target=fresh.target))
+            group.replace_state(i, reset_state(c, group.state(i), count, obs_dim, action_dim))
         log(f"[{name}] env_step {env_step}: reset actor and critic (reset {count})")
 
     try:
