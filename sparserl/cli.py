@@ -125,7 +125,7 @@ def cmd_diagnose(ns) -> int:
         for k, v in result.items():
             if k not in ("run_dir", "env_step"):
                 print(f"  {k:<36} {v:.6g}")
-        print(f"  written: {Path(target) / 'diagnose'}/ (metrics.json, cosine_*.npy, cosine_*.png)")
+        print(f"  written: {Path(target) / 'diagnose'}/ (metrics.json, layer_norms.json, cosine_*.npy, cosine_*.png)")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 * ``diagnose RUN_DIR``: loads the run's newest valid checkpoint, recomputes every metric of
   :func:`sparserl.probe.measure` on the run's probe set (or a fresh one drawn from the saved
-  buffer), and writes ``RUN_DIR/diagnose/``: ``metrics.json``, the N x N gradient-cosine matrices
+  buffer), and writes ``RUN_DIR/diagnose/``: ``metrics.json``, ``layer_norms.json`` (per-tensor
+  parameter norms), the N x N gradient-cosine matrices
   (``cosine_actor.npy``, ``cosine_critic.npy``) and their heatmaps (``cosine_*.png``).
 * ``--plasticity``: fits a copy of the critic (its mask kept) to fresh random targets on the probe
   inputs for a fixed number of steps; the remaining loss measures lost plasticity.
@@ -84,6 +85,7 @@ def diagnose_run(run_dir: Path, plasticity_steps: int | None = None) -> dict:
     key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(cfg.seed, 5)), meta["env_step"])  # as in training
     scalars, cosines = probe.measure(state, batch, stats, key, cfg, cfg.diag_grad_samples)
     result = {"run_dir": str(run_dir), "env_step": meta["env_step"], **scalars}
+    layer_norms = {name: diagnostics.layer_norms(module.params) for name, module in agents.modules(state).items()}
     if plasticity_steps:
         result["critic_plasticity_loss"] = critic_plasticity(cfg, state, batch, stats, plasticity_steps)
         result["plasticity_steps"] = plasticity_steps
@@ -93,6 +95,7 @@ def diagnose_run(run_dir: Path, plasticity_steps: int | None = None) -> dict:
         np.save(out / f"cosine_{name}.npy", cos)
         heatmap(cos, f"{name} gradient cosine, env step {meta['env_step']}", out / f"cosine_{name}.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "layer_norms.json").write_text(json.dumps(layer_norms, indent=1))
     return result
 
 

@@ -77,6 +77,9 @@ def test_diagnose_recomputes_last_row_and_writes_heatmaps(diag_run, capsys):
         assert np.all(np.abs(cos) <= 1.0)
         assert (run_dir / "diagnose" / f"cosine_{name}.png").stat().st_size > 1000
     assert np.isfinite(result["critic_plasticity_loss"]) and result["critic_plasticity_loss"] >= 0
+    norms = json.loads((run_dir / "diagnose" / "layer_norms.json").read_text())
+    total = np.sqrt(sum(v ** 2 for v in norms["critic"].values()))
+    assert total == pytest.approx(result["critic_param_norm"], rel=1e-4)
     assert "critic_srank_pre_ln" in capsys.readouterr().out
 
 
