@@ -112,7 +112,6 @@ def seed_scaling(counts: list[int], seconds: float) -> list[dict]:
         rate = timed(step, seconds) * 2
         out.append({"seeds": n, "updates_per_s": rate, "seed_updates_per_s": rate * n})
         print(f"  {n} seeds: {rate * n:.1f} seed-updates/s ({rate:.1f} updates/s each)", flush=True)
-        del holder, state
     return out
 
 

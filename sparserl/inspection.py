@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparserl import agents, envs
 from sparserl.agents.common import Batch, ObsStats
