@@ -146,11 +146,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
 # 2. The newest checkpoint is corrupt: warn, quarantine it as *.corrupt, resume from the previous one
 
 
-def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
-    ref_dir = reference[0]
-    run_dir = tmp_path / "corrupt"
+def unfinished_copy(ref_dir, run_dir):
+    """A copy of the finished reference run that looks killed before writing summary.json."""
     shutil.copytree(ref_dir, run_dir)
     (run_dir / "summary.json").unlink()
+    return run_dir
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
+    ref_dir = reference[0]
+    run_dir = unfinished_copy(ref_dir, tmp_path / "corrupt")
     ckpt = run_dir / "checkpoints"
     npz = ckpt / "step_0000003000.npz"
     data = bytearray(npz.read_bytes())
@@ -182,9 +187,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
 
 def test_all_checkpoints_corrupt_starts_over(reference, tmp_path):
     ref_dir = reference[0]
-    run_dir = tmp_path / "all_corrupt"
-    shutil.copytree(ref_dir, run_dir)
-    (run_dir / "summary.json").unlink()
+    run_dir = unfinished_copy(ref_dir, tmp_path / "all_corrupt")
     ckpt = run_dir / "checkpoints"
     for npz in ckpt.glob("step_*.npz"):
         with open(npz, "r+b") as f:  # truncate: the size no longer matches the marker
@@ -206,9 +209,7 @@ def test_all_checkpoints_corrupt_starts_over(reference, tmp_path):
 
 
 def test_kill_between_final_checkpoint_and_summary(reference, tmp_path):
-    run_dir = tmp_path / "no_summary"
-    shutil.copytree(reference[0], run_dir)
-    (run_dir / "summary.json").unlink()  # the final checkpoint (agent step 3000) is intact
+    run_dir = unfinished_copy(reference[0], tmp_path / "no_summary")  # final checkpoint (step 3000) intact
     cfg = config.from_args(None, ARGS + [f"run_dir={run_dir}"])
     assert train.run_dir_status(cfg) == "resume"
     summary = train.train(cfg, log=lambda m: None)
