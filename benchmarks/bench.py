@@ -76,7 +76,8 @@ def update_benchmark(width: int, utd: int, seconds: float) -> dict:
 def end_to_end(learn_seconds: float, update_rate: float) -> dict:
     """Train humanoid-run for about ``learn_seconds`` of learning; time shares from the loop's timers."""
     warmup = 500
-    learn_steps = max(200, int(learn_seconds * update_rate / 2))  # UTD 2: two updates per agent step
+    # UTD 2: two updates per agent step; 20% margin so that learning lasts at least learn_seconds
+    learn_steps = max(200, int(1.2 * learn_seconds * update_rate / 2))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.build({"env": "humanoid-run", "warmup_steps": warmup, "env_steps": 2 * (warmup + learn_steps),
                             "eval_every": 2 * warmup, "eval_episodes": 1, "final_eval_episodes": 1,
