@@ -129,6 +129,22 @@ def cmd_diagnose(ns) -> int:
     return 0
 
 
+def cmd_ls(ns) -> int:
+    from pathlib import Path
+
+    from sparserl import runs
+
+    root = Path(ns.runs_dir)
+    if not root.is_dir():
+        raise ConfigError(f"RUNS_DIR {ns.runs_dir!r}: no such directory")
+    found = runs.find_runs(root)
+    if not found:
+        print(f"no runs under {root}")
+        return 0
+    print(runs.format_table([runs.describe(d, root) for d in found]))
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from sparserl import demo
 
@@ -177,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inits", type=int, default=5, help="random initialisations averaged per point (default 5)")
     p.add_argument("--out", default="runs/simplicity", help="where --simplicity writes its plot and JSON")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("ls", help="table of the runs under a directory, with their status",
+                       epilog="examples:\n  sparserl ls\n  sparserl ls runs/sweep1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="List run directories (name, env, agent, widths, sparsities, env steps done, "
+                                   "last eval return, status: running / finished / failed / interrupted).")
+    p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="default: runs")
+    p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("demo", help="small dense vs sparse comparison (a few minutes on a CPU)",
                        epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

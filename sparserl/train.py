@@ -14,8 +14,8 @@ checkpoint holds everything needed to continue exactly (see :mod:`sparserl.check
 a final evaluation of ``final_eval_episodes`` episodes, a last checkpoint and ``summary.json``.
 
 Run directory: ``config.yaml`` (fully resolved), ``model.json`` (parameter counts and per-layer
-sparsity), ``metrics.csv``, ``checkpoints/``, ``summary.json``; ``error.txt`` when a run stopped on
-a numerical fault.
+sparsity), ``metrics.csv``, ``diagnostics.csv``, ``checkpoints/``, ``summary.json``, ``curves.png``;
+``error.txt`` when a run stopped on a numerical fault; ``RUNNING`` (the pid) while it trains.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, probe, sparsity
+from sparserl import agents, checkpoint, envs, probe, runs, sparsity
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
@@ -445,6 +445,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     def deterministic_actions(obs_stack):
         return group.act(obs_stack, eval_stats, 0, True)
 
+    for s in seeds:
+        runs.mark_running(s.run_dir)
     files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
     writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
     columns = metric_columns(cfg0)
@@ -580,8 +582,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         save_checkpoints(cfg.agent_steps)
     finally:
         bar.close()
-        for f in files:
+        for f, s in zip(files, seeds):
             f.close()
+            runs.clear_running(s.run_dir)
 
     wall = time.perf_counter() - start
     summaries = []
@@ -597,5 +600,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         }
         (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         summaries.append(summary)
+        try:  # a picture is a convenience: failing to draw it must not lose the run
+            runs.plot_curves(s.run_dir)
+        except Exception as e:  # noqa: BLE001
+            log(f"[{s.run_dir.name}] warning: could not draw curves.png ({e})")
     return summaries[0] if len(summaries) == 1 else summaries
 
