@@ -77,6 +77,10 @@ def run_dir_status(cfg: Config) -> str:
         raise ConfigError(f"run_dir={str(run_dir)!r}: is a file, not a directory; choose another run_dir=")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
+    if runs.run_status(run_dir) == "running":  # not even overwrite=true may pull a run from under its process
+        pid = (run_dir / runs.RUNNING_MARKER).read_text().strip()
+        raise ConfigError(f"run_dir={str(run_dir)!r}: is being trained by another process (pid {pid}); "
+                          f"wait for it, or delete {runs.RUNNING_MARKER} there if no such run is alive")
     if cfg.overwrite:
         return "new"
     saved_path = run_dir / "config.yaml"

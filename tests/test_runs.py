@@ -82,3 +82,13 @@ def test_config_of_listed_run_is_readable(finished):
     cfg = yaml.safe_load((finished / "done" / "config.yaml").read_text())
     row = runs.describe(finished / "done", finished)
     assert row["name"] == "done" and row["env"] == cfg["env"]
+
+
+def test_a_running_run_is_not_trained_twice(finished, tmp_path, capsys):
+    run_dir = make_copy(finished, tmp_path, "live", "running")
+    before = (run_dir / "metrics.csv").read_text()
+    for extra in ([], ["overwrite=true"]):
+        assert main(["train", *TINY, "critic.sparsity=0.8", f"run_dir={run_dir}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another process" in err[0]
+    assert (run_dir / "metrics.csv").read_text() == before
