@@ -72,6 +72,18 @@ class ResetConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = _opt(False, doc="also log every scalar to RUN_DIR/tensorboard (needs sparserl[tensorboard])")
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    every: int = _opt(0, low=0, doc="render one evaluation episode to RUN_DIR/videos every this many env steps "
+                                    "(0 = off; mp4 needs sparserl[video], else GIF)")
+    size: int = _opt(128, low=16, doc="video frame height and width in pixels")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: str = _opt("sac", choices=("sac", "ddpg"), doc="learning algorithm")
     env: str = _opt("humanoid-run", doc="DMC task as domain-task, or a Gymnasium id as gym:Id")
@@ -111,6 +123,8 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     sac: SACConfig = field(default_factory=SACConfig)
     ddpg: DDPGConfig = field(default_factory=DDPGConfig)
 

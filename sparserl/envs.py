@@ -64,6 +64,10 @@ class Env:
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
         raise NotImplementedError
 
+    def render(self, height: int, width: int) -> np.ndarray:
+        """An RGB frame (height, width, 3) of the current state."""
+        raise NotImplementedError
+
     def rng_state(self) -> dict:
         """JSON-able state of the randomness the next ``reset`` draws from (for exact resume)."""
         raise NotImplementedError
@@ -95,6 +99,9 @@ class DMCEnv(Env):
     def reset(self) -> np.ndarray:
         return _flatten(self._env.reset().observation)
 
+    def render(self, height: int, width: int) -> np.ndarray:
+        return self._env.physics.render(height, width, camera_id=0)
+
     def rng_state(self) -> dict:
         name, keys, pos, has_gauss, cached = self._env.task.random.get_state()
         return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
@@ -117,10 +124,10 @@ class DMCEnv(Env):
 
 
 class GymEnv(Env):
-    def __init__(self, name: str, seed: int, action_repeat: int):
+    def __init__(self, name: str, seed: int, action_repeat: int, render: bool = False):
         import gymnasium
 
-        self._env = gymnasium.make(name[len(GYM_PREFIX):])
+        self._env = gymnasium.make(name[len(GYM_PREFIX):], **({"render_mode": "rgb_array"} if render else {}))
         space = self._env.action_space
         self._low, self._high = space.low.astype(np.float64), space.high.astype(np.float64)
         self.action_dim = int(np.prod(space.shape))
@@ -132,6 +139,12 @@ class GymEnv(Env):
         seed, self._seed = self._seed, None  # seed the first reset only; later resets continue its stream
         obs, _ = self._env.reset(seed=seed)
         return np.asarray(obs, np.float32).ravel()
+
+    def render(self, height: int, width: int) -> np.ndarray:
+        frame = self._env.render()  # the env's own resolution; resized by nearest neighbour
+        rows = np.linspace(0, frame.shape[0] - 1, height).astype(int)
+        cols = np.linspace(0, frame.shape[1] - 1, width).astype(int)
+        return frame[rows][:, cols]
 
     def rng_state(self) -> dict:
         return {"first_reset_seed": self._seed, "np_random": self._env.unwrapped.np_random.bit_generator.state}
@@ -152,10 +165,11 @@ class GymEnv(Env):
         return np.asarray(obs, np.float32).ravel(), reward, bool(terminated), bool(truncated)
 
 
-def make(name: str, seed: int, action_repeat: int = 1) -> Env:
+def make(name: str, seed: int, action_repeat: int = 1, render: bool = False) -> Env:
+    """``render=True`` prepares the env for :meth:`Env.render` (Gymnasium needs it at creation)."""
     check_env_name(name)
     if name.startswith(GYM_PREFIX):
-        return GymEnv(name, seed, action_repeat)
+        return GymEnv(name, seed, action_repeat, render)
     return DMCEnv(name, seed, action_repeat)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, probe, runs, sparsity
+from sparserl import agents, checkpoint, envs, loggers, probe, runs, sparsity
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
@@ -102,7 +102,8 @@ def run_dir_status(cfg: Config) -> str:
 
 
 def check_run_dirs(cfg: Config) -> list[str]:
-    """Validate every seed's run directory before any compute."""
+    """Validate every seed's run directory (and the optional loggers asked for) before any compute."""
+    loggers.check_available(cfg)
     return [run_dir_status(c) for c in cfg.per_seed()]
 
 
@@ -305,7 +306,7 @@ class SeedGroup:
         sums = [fresh_sums(self.agent) for _ in states]
         norms = lambda st: {f"{n}_param_norm": common.global_norm(m.params) for n, m in agents.modules(st).items()}
         self.norms_fn = jax.jit(jax.vmap(norms) if vmapped else norms)
-        policy = jax.jit(self._policy, static_argnums=5)
+        policy = self.single_policy = jax.jit(self._policy, static_argnums=5)
         learn = jax.jit(self._learn, donate_argnums=(0, 1))
         if vmapped:
             self.states, self.sums, self.keys = _stack(states), _stack(sums), jnp.stack(keys)
@@ -336,6 +337,10 @@ class SeedGroup:
         actions = [self.policy(st.actor.params, o, ss, k, step, deterministic)
                    for st, o, ss, k in zip(self.states, obs, stats, self.keys)]
         return np.stack([np.asarray(a) for a in actions])
+
+    def act_one(self, i: int, obs: np.ndarray, stats: ObsStats, deterministic: bool) -> np.ndarray:
+        """The action of seed ``i`` alone (videos)."""
+        return np.asarray(self.single_policy(self.actor_params(i), obs, stats, self.keys[i], 0, deterministic))
 
     def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
         step = jnp.int32(step)
@@ -385,6 +390,7 @@ class SeedGroup:
 def train(cfg: Config, log: Callable[[str], None] | None = None):
     """Train one or several seeds per ``cfg``. Returns the summary (a list of them for several seeds)."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    loggers.check_available(cfg)
     seed_cfgs = cfg.per_seed()
     statuses = [run_dir_status(c) for c in seed_cfgs]
     if all(st == "finished" for st in statuses):
@@ -451,6 +457,21 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
 
     for s in seeds:
         runs.mark_running(s.run_dir)
+    live = [loggers.make_loggers(cfg, s.run_dir, to_yaml(c)) for s, c in zip(seeds, seed_cfgs)]
+    video_envs: dict[int, envs.Env] = {}
+
+    def record_videos(env_step: int) -> None:
+        for i, s in enumerate(seeds):
+            try:  # the evaluation row is already written: a rendering failure only costs the video
+                if i not in video_envs:
+                    video_envs[i] = envs.make(cfg.env, envs.derive_seed(s.cfg.seed, 6), cfg.action_repeat, render=True)
+                stats_i = s.obs_stats()
+                frames = loggers.record_episode(video_envs[i], lambda o: group.act_one(i, o, stats_i, True),
+                                                cfg.video.size)
+                path = loggers.write_video(frames, s.run_dir / "videos" / f"step_{env_step}")
+                log(f"[{s.run_dir.name}] video: {path} ({len(frames)} frames)")
+            except Exception as e:  # noqa: BLE001
+                log(f"[{s.run_dir.name}] warning: could not record the evaluation video at env step {env_step}: {e}")
     files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
     writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
     columns = metric_columns(cfg0)
@@ -499,6 +520,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                     writer.writeheader()
                 writer.writerow({k: _fmt(v) for k, v in row.items()})
             s.diag_rows += 1
+            for logger in live[i]:
+                logger.log_scalars(env_step, scalars, "diagnostics")
 
     def reset_networks(env_step: int) -> None:
         count = env_step // cfg.reset.every
@@ -561,6 +584,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                            "wall_time": now - start}
                     writers[i].writerow({k: _fmt(row.get(k)) for k in columns})
                     files[i].flush()
+                    for logger in live[i]:
+                        logger.log_scalars(env_step, {k: row.get(k) for k in columns if k != "env_step"}, "metrics")
                     s.csv_rows += 1
                     s.row_returns = []
                     if is_last:
@@ -570,6 +595,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                 bar.set_postfix(eval_return=f"{np.mean([r.mean() for r in all_returns]):.1f}", refresh=False)
                 group.reset_sums()  # faults were checked above
                 updates_in_row = 0
+                if cfg.video.every and env_step % cfg.video.every < cfg.action_repeat:
+                    record_videos(env_step)
                 row_start, row_start_step = time.perf_counter(), agent_step + 1
                 t = timers.add("log", now)
 
@@ -586,8 +613,10 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         save_checkpoints(cfg.agent_steps)
     finally:
         bar.close()
-        for f, s in zip(files, seeds):
+        for f, s, seed_loggers in zip(files, seeds, live):
             f.close()
+            for logger in seed_loggers:
+                logger.close()
             runs.clear_running(s.run_dir)
 
     wall = time.perf_counter() - start
