@@ -74,6 +74,10 @@ class ResetConfig:
 @dataclass(frozen=True)
 class LogConfig:
     tensorboard: bool = _opt(False, doc="also log every scalar to RUN_DIR/tensorboard (needs sparserl[tensorboard])")
+    wandb: bool = _opt(False, doc="also log every scalar (and videos) to Weights & Biases (needs sparserl[wandb])")
+    wandb_project: str = _opt("sparserl", doc="W&B project")
+    wandb_mode: str = _opt("online", choices=("online", "offline", "disabled"),
+                           doc="W&B mode; offline writes RUN_DIR/wandb for a later `wandb sync`")
 
 
 @dataclass(frozen=True)

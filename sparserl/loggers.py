@@ -3,6 +3,8 @@
 * TensorBoard (``log.tensorboard=true``, extra ``sparserl[tensorboard]``): every scalar of
   metrics.csv and diagnostics.csv under ``RUN_DIR/tensorboard/``, x-axis = env steps, the resolved
   config as text. Watch live with ``tensorboard --logdir runs/``.
+* Weights & Biases (``log.wandb=true``, ``log.wandb_project``, ``log.wandb_mode``, extra
+  ``sparserl[wandb]``): the same scalars and the videos; the resolved config as run config.
 * Videos (``video.every=N``, extra ``sparserl[video]``): one deterministic evaluation episode every
   N env steps to ``RUN_DIR/videos/step_<N>.mp4`` (GIF when no mp4 encoder is installed).
 
@@ -11,6 +13,8 @@ Asking for something whose package is missing is a one-line error before trainin
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -21,12 +25,15 @@ from sparserl.config import Config, ConfigError
 
 
 def check_available(cfg: Config) -> None:
-    if cfg.log.tensorboard:
+    wanted = [("log.tensorboard", cfg.log.tensorboard, "tensorboardX", "tensorboard"),
+              ("log.wandb", cfg.log.wandb, "wandb", "wandb")]
+    for key, on, module, extra in wanted:
+        if not on:
+            continue
         try:
-            import tensorboardX  # noqa: F401
+            __import__(module)
         except ImportError:
-            raise ConfigError("log.tensorboard=true needs the tensorboardX package: "
-                              "pip install 'sparserl[tensorboard]'") from None
+            raise ConfigError(f"{key}=true needs the {module} package: pip install 'sparserl[{extra}]'") from None
 
 
 class TensorBoardLogger:
@@ -42,12 +49,49 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
         self.writer.flush()
 
+    def log_video(self, step: int, path: Path, frames: list[np.ndarray]) -> None:
+        """An animated GIF in TensorBoard's image tab (what tensorboardX's add_video makes with moviepy)."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        buffer = io.BytesIO()
+        _save_gif(frames, buffer)
+        height, width = frames[0].shape[:2]
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
 
-def make_loggers(cfg: Config, run_dir: Path, config_yaml: str) -> list:
-    return [TensorBoardLogger(run_dir, config_yaml)] if cfg.log.tensorboard else []
+class WandbLogger:
+    def __init__(self, cfg: Config, run_dir: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        # one W&B run per run directory; the id is stable so that a resumed run continues it
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, dir=str(run_dir),
+                              name=run_dir.name, id=run_id, resume="allow", config=config, reinit="create_new")
+
+    def log_scalars(self, step: int, scalars: dict[str, float], prefix: str) -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in scalars.items() if v is not None and np.isfinite(v)}
+        self.run.log(values, step=step)
+
+    def log_video(self, step: int, path: Path, frames: list[np.ndarray]) -> None:
+        self.run.log({"eval/video": self.wandb.Video(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_loggers(cfg: Config, run_dir: Path, config_yaml: str, config: dict) -> list:
+    out = []
+    if cfg.log.tensorboard:
+        out.append(TensorBoardLogger(run_dir, config_yaml))
+    if cfg.log.wandb:
+        out.append(WandbLogger(cfg, run_dir, config))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,9 +122,13 @@ def write_video(frames: list[np.ndarray], path_without_suffix: Path, fps: int = 
             imageio.mimwrite(path, [np.asarray(f, np.uint8) for f in frames], fps=fps, macro_block_size=1)
         return path
     except ImportError:
-        from PIL import Image
-
         path = path_without_suffix.with_suffix(".gif")
-        images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        _save_gif(frames, path, fps)
         return path
+
+
+def _save_gif(frames: list[np.ndarray], target, fps: int = 30) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
+    images[0].save(target, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

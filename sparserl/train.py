@@ -49,7 +49,8 @@ NORM_COLUMNS = ("actor_param_norm", "critic_param_norm")  # at the row's step (a
 TAIL_COLUMNS = ("steps_per_s", "wall_time")  # timing: the only columns that differ between identical runs
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "seed_parallel",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "log.tensorboard", "log.wandb", "log.wandb_project", "log.wandb_mode",
+                    "video.every", "video.size")
 
 
 class NumericalFault(RuntimeError):
@@ -457,7 +458,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
 
     for s in seeds:
         runs.mark_running(s.run_dir)
-    live = [loggers.make_loggers(cfg, s.run_dir, to_yaml(c)) for s, c in zip(seeds, seed_cfgs)]
+    live = [loggers.make_loggers(cfg, s.run_dir, to_yaml(c), c.to_dict()) for s, c in zip(seeds, seed_cfgs)]
     video_envs: dict[int, envs.Env] = {}
 
     def record_videos(env_step: int) -> None:
@@ -470,6 +471,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                                                 cfg.video.size)
                 path = loggers.write_video(frames, s.run_dir / "videos" / f"step_{env_step}")
                 log(f"[{s.run_dir.name}] video: {path} ({len(frames)} frames)")
+                for logger in live[i]:
+                    logger.log_video(env_step, path, frames)
             except Exception as e:  # noqa: BLE001
                 log(f"[{s.run_dir.name}] warning: could not record the evaluation video at env step {env_step}: {e}")
     files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]

@@ -31,7 +31,13 @@ def test_tensorboard_scalars_read_back_and_video_frames(tmp_path):
         assert [s for s, _ in logged] == [s for s, _ in expected]
         np.testing.assert_allclose([v for _, v in logged], [v for _, v in expected], rtol=1e-6)
     assert [e.step for e in events.Scalars("diagnostics/critic_srank_pre_ln")] == [1000, 2000]
-    assert any(tag.startswith("config") for tag in events.Tags()["tensors"])  # the resolved config, as text
+    (video_event,) = events.Images("eval/video")  # the evaluation video, as an animated GIF
+    assert video_event.step == 2000 and (video_event.width, video_event.height) == (48, 48)
+    from PIL import Image
+    import io
+    with Image.open(io.BytesIO(video_event.encoded_image_string)) as gif:
+        # Pillow merges identical consecutive frames (the cart at rest) into longer ones
+        assert 400 < gif.n_frames <= 501
 
     import imageio.v2 as imageio
 
@@ -79,3 +85,28 @@ def test_gif_when_no_mp4_encoder(tmp_path, monkeypatch):
     assert path.suffix == ".gif"
     with Image.open(path) as gif:
         assert gif.n_frames == 5 and gif.size == (8, 8)
+
+
+def test_wandb_offline_writes_run_with_config_and_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    train.train(config.from_args(None, TINY + ["log.wandb=true", "log.wandb_mode=offline", "diag_every=0",
+                                               "critic.width=24", "video.every=2000", "video.size=32",
+                                               f"run_dir={run_dir}"]), log=lambda m: None)
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    (records,) = list(offline.glob("run-*.wandb"))
+    data = records.read_bytes()
+    # the resolved config (as the run's config) and the logged scalars are in the offline record file
+    assert b"critic" in data and b'"width":24' in data.replace(b" ", b"")
+    assert b"metrics/eval_return" in data and b"metrics/critic_loss" in data
+    (video,) = list(offline.glob("files/media/videos/eval/*.mp4"))  # the evaluation video went to W&B too
+    assert video.stat().st_size > 1000
+
+
+def test_missing_wandb_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "log.wandb=true", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "log.wandb" in err[0] and "sparserl[wandb]" in err[0]
+    assert not run_dir.exists()
