@@ -99,13 +99,19 @@ def cmd_diagnose(ns) -> int:
 
     from sparserl import diagnose
 
+    if ns.plasticity_steps < 1:
+        raise ConfigError(f"--plasticity-steps={ns.plasticity_steps}: must be a positive integer")
     if ns.simplicity:
-        widths = [int(w) for w in ns.widths.split(",")]
-        sparsities = [float(x) for x in ns.sparsities.split(",")]
-        bad = [x for x in sparsities if not 0 <= x < 1]
-        if bad or any(w <= 0 for w in widths):
-            raise ConfigError(f"--widths/--sparsities: widths must be positive and sparsities in [0, 1), got "
-                              f"{ns.widths!r} / {ns.sparsities!r}")
+        try:
+            widths = [int(w) for w in ns.widths.split(",")]
+            sparsities = [float(x) for x in ns.sparsities.split(",")]
+        except ValueError:
+            widths, sparsities = [], []
+        if not widths or not sparsities or any(w <= 0 for w in widths) or any(not 0 <= x < 1 for x in sparsities):
+            raise ConfigError(f"--widths={ns.widths!r} --sparsities={ns.sparsities!r}: comma-separated positive "
+                              f"integers and numbers in [0, 1), e.g. --widths 64,256 --sparsities 0,0.9")
+        if ns.inits < 1:
+            raise ConfigError(f"--inits={ns.inits}: must be a positive integer")
         base = _config(ns.targets, {"env": "cartpole-balance"})
         rows = diagnose.simplicity_grid(widths, sparsities, base, ns.inits, Path(ns.out))
         print(f"{'width':>6} {'sparsity':>8} {'simplicity':>10}")

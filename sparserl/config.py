@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,14 +242,13 @@ def _convert(key: str, value: Any, tp) -> Any:
     if base is float:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        return number
     if base is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -354,7 +354,7 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         _check_range(key, value, f.metadata)
     if cfg.seeds is not None:
         parts = [p.strip() for p in cfg.seeds.split(",")]
-        if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        if not all(p.isdigit() for p in parts) or len({int(p) for p in parts}) != len(parts):
             raise ConfigError(f"seeds={cfg.seeds!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2,3")
     if cfg.env_steps < cfg.action_repeat:
         raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")

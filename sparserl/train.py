@@ -244,7 +244,7 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
     s.env.set_rng_state(meta["env_rng"])
     s.eval_env.set_rng_state(meta["eval_env_rng"])
     s.needs_reset = meta["needs_reset"]
-    if not s.needs_reset:
+    if not s.needs_reset and meta["agent_step"] < s.cfg.agent_steps:  # the final checkpoint may be mid-episode
         raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
     s.obs = None
     s.episode_return, s.episodes = meta["episode_return"], meta["episodes"]
@@ -255,6 +255,8 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
     s.diag_rows = meta["diag_rows"]
     if s.diag_rows:
         _truncate_csv(s.run_dir / "diagnostics.csv", s.diag_rows)
+    else:  # rows written after this checkpoint (header included) are written again
+        (s.run_dir / "diagnostics.csv").unlink(missing_ok=True)
     if "probe/obs" in arrays:
         s.probe = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     return state, sums
@@ -404,6 +406,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     if len(set(statuses)) > 1:
         raise ConfigError(f"the seeds' run directories are in different states ({', '.join(statuses)}); "
                           f"resume or run the seeds separately, or pass overwrite=true")
+    if len(seed_cfgs) > 1 and cfg.env.startswith(envs.GYM_PREFIX):
+        log("warning: several seeds on a Gymnasium task checkpoint only when every seed ends an episode on the "
+            "same step, which variable-length episodes rarely do; run one seed per process for regular checkpoints")
     cfg0 = seed_cfgs[0]  # static config of the jitted functions (only the seed differs between seeds)
     agent = agents.get(cfg.agent)
     seeds = [_make_seed(c) for c in seed_cfgs]
@@ -629,7 +634,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         summary = {
             "final_return": float(ev.mean()), "final_return_std": float(ev.std()),
             "final_return_ci95": float(1.96 * ev.std(ddof=1) / np.sqrt(len(ev))) if len(ev) > 1 else 0.0,
-            "final_eval_episodes": len(ev), "env_steps": cfg.env_steps, "seed": s.cfg.seed, "wall_time": wall,
+            "final_eval_episodes": len(ev), "env_steps": cfg.agent_steps * cfg.action_repeat, "seed": s.cfg.seed, "wall_time": wall,
             "agent_steps_per_s": (cfg.agent_steps - start_step) / (wall - wall_offset),
             "time_share": {k: v / wall for k, v in timers.seconds.items()},
             "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in st.items()},

@@ -331,3 +331,21 @@ def test_inspect_table_output(workdir, capsys):
     assert rc == 0
     assert "sac on cartpole-balance (obs 5, action 1)" in out
     assert "q0/encoder/embed/kernel" in out and "6x16" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "seeds=1,01", "env=cartpole-balance"],          # the same seed written twice
+    ["train", "lr=inf", "env=cartpole-balance"],
+    ["train", "weight_decay=nan", "env=cartpole-balance"],
+    ["diagnose", "--simplicity", "--widths", "a,b"],
+    ["diagnose", "--simplicity", "--widths", ","],
+    ["diagnose", "--simplicity", "--sparsities", "a"],
+    ["diagnose", "--simplicity", "--inits", "0"],
+    ["diagnose", "--plasticity", "--plasticity-steps", "-3", "runs/x"],
+])
+def test_more_bad_input_is_one_line_exit_2(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparserl: error:"), err
+    assert not (tmp_path / "runs").exists()

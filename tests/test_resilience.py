@@ -443,3 +443,33 @@ def test_config_mismatch_and_finished_run(reference, tmp_path, capsys):
     assert rc == EXIT_USAGE
     assert len(err) == 1 and "resume=false" in err[0] and "overwrite=true" in err[0], err
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == mtimes
+
+
+# ----------------------------------------------------------------------------------------------
+# Found in review: resuming from a final checkpoint taken mid-episode; diagnostics rows after a resume
+
+
+def test_resume_from_final_mid_episode_checkpoint_and_diagnostics_rows(tmp_path):
+    # env_steps=1500: the final checkpoint (agent step 750) falls mid-episode; the one at env step 1000
+    # (agent step 500) is taken before the first diagnostics row (learning starts at agent step 500)
+    args = ARGS + ["env_steps=1500", "checkpoint_every=1000", "keep_checkpoints=10", "diag_every=500",
+                   "diag_probe_size=64", "diag_grad_samples=4"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    reference = train.train(config.from_args(None, args + [f"run_dir={ref_dir}"]), log=lambda m: None)
+    assert checkpoint.complete_steps(ref_dir / "checkpoints") == [500, 750]
+
+    # killed after the final checkpoint, before summary.json: finishes from the saved final evaluation
+    unfinished_copy(ref_dir, run_dir)
+    again = train.train(config.from_args(None, args + [f"run_dir={run_dir}"]), log=lambda m: None)
+    assert again["final_return"] == reference["final_return"]
+    assert again["env_steps"] == 1500
+
+    # killed before the final checkpoint: resume from step 500, whose diag_rows is 0
+    for suffix in (".npz", ".json"):
+        (run_dir / "checkpoints" / f"step_0000000750{suffix}").unlink()
+    (run_dir / "summary.json").unlink()
+    messages = []
+    train.train(config.from_args(None, args + [f"run_dir={run_dir}"]), log=messages.append)
+    assert any("resuming at env step 1000" in m for m in messages), messages
+    assert (run_dir / "diagnostics.csv").read_text() == (ref_dir / "diagnostics.csv").read_text()
+    assert_same_metrics(run_dir, ref_dir)
