@@ -41,6 +41,13 @@ def timed(fn, seconds: float) -> float:
     return calls / (time.perf_counter() - start)
 
 
+def random_batches(leading: tuple[int, ...]) -> Batch:
+    """Gaussian transitions with leading axes ``leading`` (e.g. (K, B) or (seeds, K, B))."""
+    rng = np.random.default_rng(0)
+    dims = {"obs": (OBS_DIM,), "action": (ACTION_DIM,), "reward": (), "discount": (), "next_obs": (OBS_DIM,)}
+    return Batch(*(jnp.asarray(rng.normal(size=leading + dims[k]).astype(np.float32)) for k in Batch._fields))
+
+
 def matmul_gflops(batch: int, width: int, seconds: float) -> float:
     a = jax.random.normal(jax.random.PRNGKey(0), (batch, width), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (width, 4 * width), jnp.float32)
@@ -54,10 +61,7 @@ def update_benchmark(width: int, utd: int, seconds: float) -> dict:
     agent = agents.get(cfg.agent)
     state = agent.init(cfg, OBS_DIM, ACTION_DIM)
     flops = inspection.update_flops(cfg, state, OBS_DIM, ACTION_DIM)
-    rng = np.random.default_rng(0)
-    b = cfg.batch_size
-    batches = Batch(*(jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in
-                      [(utd, b, OBS_DIM), (utd, b, ACTION_DIM), (utd, b), (utd, b), (utd, b, OBS_DIM)]))
+    batches = random_batches((utd, cfg.batch_size))
     stats = ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
     update = jax.jit(agent.update, static_argnames="cfg", donate_argnums=0)
     holder = [state]
@@ -99,9 +103,7 @@ def seed_scaling(counts: list[int], seconds: float) -> list[dict]:
         states = [agent.init(config.build({"seed": i}, check_env=False), OBS_DIM, ACTION_DIM) for i in range(n)]
         state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
         del states
-        rng = np.random.default_rng(0)
-        batches = Batch(*(jnp.asarray(rng.normal(size=(n, *s)).astype(np.float32)) for s in
-                          [(2, b, OBS_DIM), (2, b, ACTION_DIM), (2, b), (2, b), (2, b, OBS_DIM)]))
+        batches = random_batches((n, 2, b))
         stats = ObsStats(jnp.zeros((n, OBS_DIM)), jnp.ones((n, OBS_DIM)))
         update = jax.jit(jax.vmap(lambda s, bt, st: agent.update(s, bt, st, cfg)), donate_argnums=0)
         holder = [state]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from sparserl import agents, checkpoint, config, diagnostics, envs, networks, probe, sparsity
+from sparserl import agents, checkpoint, config, diagnostics, envs, networks, probe, runs, sparsity
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import ConfigError
 
@@ -42,21 +42,15 @@ def load_run(run_dir: Path):
     if "probe/obs" in arrays:
         batch = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     else:
-        rng = np.random.default_rng(envs.derive_seed(cfg.seed, 4))
-        n = arrays["buffer/obs"].shape[0]
-        idx = rng.choice(n, size=min(cfg.diag_probe_size, n), replace=False)
-        batch = Batch(*(arrays[f"buffer/{k}"][idx] for k in Batch._fields))
-    std = np.sqrt(arrays["normalizer/var"] + 1e-8) if cfg.obs_norm else np.ones(obs_dim)
-    mean = arrays["normalizer/mean"] if cfg.obs_norm else np.zeros(obs_dim)
-    return cfg, state, batch, ObsStats(mean.astype(np.float32), std.astype(np.float32)), meta
+        stored = Batch(*(arrays[f"buffer/{k}"] for k in Batch._fields))
+        batch = probe.draw_probe_set(stored, cfg.diag_probe_size, cfg.seed)
+    normalizer = envs.RunningMeanStd(obs_dim)
+    normalizer.mean, normalizer.var = arrays["normalizer/mean"], arrays["normalizer/var"]
+    return cfg, state, batch, normalizer.obs_stats(cfg.obs_norm), meta
 
 
 def heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4))
     im = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_title(title, fontsize=9)
@@ -124,11 +118,7 @@ def simplicity_grid(widths: list[int], sparsities: list[float], base: config.Con
 
 
 def _plot_simplicity(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for s in sorted({r["sparsity"] for r in rows}):
         pts = [(r["width"], r["simplicity"]) for r in rows if r["sparsity"] == s]

@@ -194,3 +194,11 @@ class RunningMeanStd:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.var + self.eps)
+
+    def obs_stats(self, enabled: bool = True):
+        """float32 ``ObsStats`` for the networks; identity (0, 1) when normalisation is off."""
+        from sparserl.agents.common import ObsStats
+
+        if not enabled:
+            return ObsStats(np.zeros(self.mean.shape, np.float32), np.ones(self.mean.shape, np.float32))
+        return ObsStats(self.mean.astype(np.float32), self.std.astype(np.float32))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import agents, diagnostics, networks
+from sparserl import agents, diagnostics, envs, networks
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import Config
@@ -56,6 +56,15 @@ def _measure(state, batch: Batch, stats: ObsStats, key, cfg: Config, grad_sample
                for name, fn, params in (("actor", actor_fn, state.actor.params),
                                         ("critic", critic_fn, state.critic.params))}
     return scalars, cosines
+
+
+def draw_probe_set(transitions: Batch, size: int, seed: int) -> Batch:
+    """The fixed probe set: ``size`` distinct stored transitions, drawn from the diagnostics' own RNG
+    stream so that diagnostics never change what training samples."""
+    rng = np.random.default_rng(envs.derive_seed(seed, 4))
+    n = transitions.obs.shape[0]
+    idx = rng.choice(n, size=min(size, n), replace=False)
+    return Batch(*(np.asarray(x)[idx] for x in transitions))
 
 
 def measure(state, batch: Batch, stats: ObsStats, key, cfg: Config,

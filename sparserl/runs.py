@@ -99,13 +99,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(run_dir: Path) -> Path:
-    """``curves.png``: evaluation return and the main losses against env steps."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """``curves.png``: evaluation return and the main losses against env steps."""
+    plt = pyplot()
     rows = read_metrics(run_dir)
     steps = [int(r["env_step"]) for r in rows]
 

@@ -180,10 +180,7 @@ class Seed:
     diag_rows: int = 0
 
     def obs_stats(self) -> ObsStats:
-        dim = self.env.obs_dim
-        if not self.cfg.obs_norm:
-            return ObsStats(np.zeros(dim, np.float32), np.ones(dim, np.float32))
-        return ObsStats(self.normalizer.mean.astype(np.float32), self.normalizer.std.astype(np.float32))
+        return self.normalizer.obs_stats(self.cfg.obs_norm)
 
 
 def reset_state(cfg: Config, state, count: int, obs_dim: int, action_dim: int):
@@ -513,11 +510,11 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
 
     def run_diagnostics(env_step: int) -> None:
         for i, s in enumerate(seeds):
-            if s.probe is None:  # its own RNG stream: diagnostics never change what training samples
-                rng = np.random.default_rng(envs.derive_seed(s.cfg.seed, 4))
-                idx = rng.choice(s.buffer.size, size=min(cfg.diag_probe_size, s.buffer.size), replace=False)
-                s.probe = Batch(s.buffer.obs[idx], s.buffer.action[idx], s.buffer.reward[idx],
-                                s.buffer.discount[idx], s.buffer.next_obs[idx])
+            if s.probe is None:
+                n = s.buffer.size
+                stored = Batch(s.buffer.obs[:n], s.buffer.action[:n], s.buffer.reward[:n], s.buffer.discount[:n],
+                               s.buffer.next_obs[:n])
+                s.probe = probe.draw_probe_set(stored, cfg.diag_probe_size, s.cfg.seed)
             key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
             scalars, _ = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
             row = {"env_step": env_step, **scalars}
