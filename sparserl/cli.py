@@ -1,4 +1,4 @@
-"""Command line: ``sparserl train | inspect | demo``.
+"""Command line: ``sparserl train | sweep | report | inspect | diagnose | ls | demo``.
 
 User mistakes (unknown key, bad value, unknown env, occupied run directory) print one line
 ``sparserl: error: ...`` and exit with code 2, before anything is computed or written.
@@ -13,6 +13,7 @@ import textwrap
 from typing import Any
 
 from sparserl.config import Config, ConfigError, from_args
+from sparserl.sweep import SWEEP_KEYS
 
 EXIT_USAGE = 2
 EXIT_FAULT = 3  # a run stopped on NaN/inf; its last good checkpoint is kept
@@ -42,15 +43,35 @@ DIAGNOSE_EPILOG = textwrap.dedent("""\
       sparserl diagnose runs/dense runs/sparse --plasticity --plasticity-steps 1000
       sparserl diagnose --simplicity arch=simba --widths 128,512,2048 --sparsities 0,0.8,0.9""")
 
+SWEEP_EPILOG = textwrap.dedent("""\
+    examples:
+      sparserl sweep scaling_sac --dry-run                      # grid, parameter counts and FLOPs at full scale
+      sparserl sweep scaling_sac scale=small --dry-run --bench benchmarks/results/cpu_2core.json
+      sparserl sweep scaling_sac scale=smoke                    # about a minute, then: sparserl report runs/sweeps/scaling_sac-smoke
+      sparserl sweep sparsity_sweep scale=small seeds=0,1,2 env=[cartpole-swingup,cartpole-balance]
+      sparserl sweep configs/experiments/width_scaling.yaml executor=ray address=auto gpus_per_run=0.5
+
+    sweep options (everything else is a config key applied to every run; naming an axis replaces it):
+    """) + "\n".join(f"      {k:<13} {v}" for k, v in SWEEP_KEYS.items()) + textwrap.dedent("""
+
+    Rerunning a sweep skips finished runs and resumes interrupted ones. Bundled presets: configs/experiments/.""")
+
+REPORT_EPILOG = textwrap.dedent("""\
+    examples:
+      sparserl report runs/sweeps/scaling_sac-smoke            # writes runs/sweeps/scaling_sac-smoke/report/
+      sparserl report runs/sweeps/a runs/sweeps/b --out runs/report-ab
+      sparserl report runs/sweeps/scaling_sac-small --bootstrap 5000""")
+
 DEMO_EPILOG = textwrap.dedent("""\
     examples:
-      sparserl demo                       # dense vs sparse SAC on cartpole-balance, a few minutes on 2 cores
-      sparserl demo env_steps=10000 run_dir=/tmp/demo""")
+      sparserl demo                       # smoke scaling sweep (dense vs sparse SAC) + report, about a minute
+      sparserl demo scale=small           # the same preset at CPU scale (about an hour)
+      sparserl demo sweep_dir=/tmp/demo""")
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     """An optional leading preset path (``*.yaml``/``*.yml``), then ``key=value`` overrides."""
-    if args and "=" not in args[0]:
+    if args and ("=" not in args[0] or args[0].endswith((".yaml", ".yml"))):
         return args[0], args[1:]
     return None, args
 
@@ -151,6 +172,35 @@ def cmd_ls(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    from pathlib import Path
+
+    from sparserl import sweep
+
+    path = sweep.resolve_preset(ns.preset)
+    options, overrides = sweep.split_args(ns.overrides)
+    opts = sweep.parse_options(options, str(path))
+    grid = sweep.expand(path, opts["scale"], overrides)
+    if ns.dry_run:
+        rate = sweep.rate_from_bench(ns.bench) if ns.bench else ns.device_gflops
+        sweep.dry_run(grid, rate)
+        return 0
+    result = sweep.execute(grid, Path(opts["sweep_dir"]), opts["executor"], opts["workers"], opts["group_seeds"],
+                           opts["retry_failed"], opts["address"], opts["cpus_per_run"], opts["gpus_per_run"])
+    print(f"report: sparserl report {opts['sweep_dir']}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_report(ns) -> int:
+    from pathlib import Path
+
+    from sparserl import report
+
+    out = report.write_report([Path(d) for d in ns.dirs], Path(ns.out) if ns.out else None, ns.bootstrap)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from sparserl import demo
 
@@ -161,7 +211,7 @@ def cmd_demo(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparserl",
-        description="Train and inspect statically sparse deep-RL agents (SAC, DDPG on SimBa networks).",
+        description="Train, sweep, report on and diagnose statically sparse deep-RL agents.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `sparserl COMMAND --help` for the options and examples of a command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,6 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="[PRESET.yaml] key=value",
                    help="an optional YAML preset, then config overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run an experiment preset's grid (local process pool or Ray)",
+                       epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Expand an experiment preset (configs/experiments/NAME.yaml or a path) into runs "
+                                   "under one sweep directory and train them; finished runs are skipped, interrupted "
+                                   "ones resumed, a failed run is reported with its log and the others carry on.")
+    p.add_argument("preset", metavar="PRESET", help="bundled experiment name (e.g. scaling_sac) or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="sweep options and config overrides")
+    p.add_argument("--dry-run", action="store_true", help="print the grid with parameter counts and FLOPs; run nothing")
+    p.add_argument("--bench", metavar="JSON", help="with --dry-run: estimate hours from this `make bench` result")
+    p.add_argument("--device-gflops", type=float, metavar="X",
+                   help="with --dry-run: estimate hours at X achieved GFLOP/s (e.g. a GPU's measured rate)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="HTML report with IQM, CIs, scaling and learning curves of run directories",
+                       epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read run directories (a sweep directory, or any directories holding runs) and "
+                                   "write report.html, PNG figures and summary.csv.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories or run directories")
+    p.add_argument("--out", help="output directory (default: DIR/report for one DIR, else runs/report)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="parameter counts, per-layer sparsity and FLOPs of a config",
                        epilog=INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -208,11 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="default: runs")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("demo", help="small dense vs sparse comparison (a few minutes on a CPU)",
+    p = sub.add_parser("demo", help="smoke scaling sweep (dense vs sparse SAC) and its report",
                        epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a small dense, a large dense and a large sparse SAC on a cheap "
-                                   "task and print a summary table.")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every variant")
+                       description="Run the smoke scale of the scaling_sac experiment (two sizes, dense and sparse, "
+                                   "on cartpole-balance) and write its report.html.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="sweep options and config overrides")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -17,6 +17,7 @@ tensors are the scalar ``True`` (broadcasts, costs no memory).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from typing import Any, Iterable
@@ -94,11 +95,28 @@ def allocate(shapes: dict[str, tuple[int, ...]], sparsity: float, method: str = 
     return density
 
 
+_kept_log: list[tuple[int, float]] | None = None  # (size, kept) of every draw, while counting_draws() is active
+
+
+@contextlib.contextmanager
+def counting_draws():
+    """Record ``(size, kept)`` of every mask drawn inside the block, also under ``jax.eval_shape``,
+    so model sizes can be counted from abstract shapes without drawing 100M-entry masks."""
+    global _kept_log
+    previous, _kept_log = _kept_log, []
+    try:
+        yield _kept_log
+    finally:
+        _kept_log = previous
+
+
 def draw(key: jax.Array, shape: tuple[int, ...], density: float, method: str = "exact") -> jax.Array:
     """A boolean mask of ``shape`` keeping about ``density`` of the entries."""
     if density >= 1.0:
         return jnp.ones(shape, bool)
     n = math.prod(shape)
+    if _kept_log is not None:
+        _kept_log.append((n, density * n if method == "bernoulli" else float(round(density * n))))
     if method == "bernoulli":
         return jax.random.bernoulli(key, density, shape)
     if method != "exact":

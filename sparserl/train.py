@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -516,7 +517,11 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                                s.buffer.next_obs[:n])
                 s.probe = probe.draw_probe_set(stored, cfg.diag_probe_size, s.cfg.seed)
             key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
-            scalars, _ = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
+            scalars, cosines = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
+            for module, matrix in cosines.items():  # the latest matrices, for the report's heatmaps
+                with open(s.run_dir / f"cosine_{module}.npy.tmp", "wb") as f:
+                    np.save(f, matrix)
+                os.replace(s.run_dir / f"cosine_{module}.npy.tmp", s.run_dir / f"cosine_{module}.npy")
             row = {"env_step": env_step, **scalars}
             path = s.run_dir / "diagnostics.csv"
             with open(path, "a", newline="") as f:
