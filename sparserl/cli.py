@@ -291,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # key=value after an option (`sweep P --dry-run scale=small`) belongs to the overrides too.
+    if extra and hasattr(ns, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        ns.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
     except ConfigError as e:

@@ -307,6 +307,9 @@ def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path 
         ax.set_xscale("log")
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
+        ticks = sorted({x_of(r) for r in done})
+        if len(ticks) <= 8:  # label the sizes that were run
+            ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(env, fontsize=10)
