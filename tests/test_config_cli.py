@@ -268,7 +268,7 @@ def test_run_dir_that_is_a_file_is_a_usage_error(tmp_path, workdir, capsys):
 # help and inspect
 
 
-@pytest.mark.parametrize("command", ["train", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["train", "inspect", "demo", "sweep", "report", "diagnose"])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
