@@ -465,7 +465,7 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 def render_html(title: str, all_runs: list[Run], tasks: list[dict], agg: list[dict], figures: list[tuple[str, Path]]) -> str:
     counts = by(all_runs, lambda r: r.status)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             "<p>" + ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items())) + f" run(s); generated from the run "
+             "<p>" + ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items())) + " run(s); generated from the run "
              "directories by <code>sparserl report</code>. Final return = mean of the final evaluation episodes.</p>"]
     if agg:
         parts.append("<h2>Aggregate over tasks: IQM with stratified-bootstrap 95% CI</h2>")

@@ -36,8 +36,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -316,7 +317,8 @@ def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -
 
     jobs, skipped = [], {"finished": [], "failed": [], "running": []}
     for p in sweep.points:
-        todo, fresh = [], []
+        todo: dict[str, list[int]] = {}  # by status: seeds trained together must all start or all resume
+        fresh = []
         for s in p.seeds:
             run_dir = p.run_dir(sweep_dir, s)
             status = runs.run_status(run_dir) if (run_dir / "config.yaml").is_file() else "new"
@@ -326,12 +328,12 @@ def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -
             if status == "failed":
                 fresh.append(s)
             else:  # new or interrupted: refuses a directory holding a different config, before anything runs
-                train.run_dir_status(p.config(s, sweep_dir))
-                todo.append(s)
-        if group_seeds and len(todo) > 1:
-            jobs.append(Job(p, tuple(todo), sweep_dir / "logs" / f"{p.name}.seed{'_'.join(map(str, todo))}.log"))
-        else:
-            jobs += [Job(p, (s,), sweep_dir / "logs" / f"{p.name}.seed{s}.log") for s in todo]
+                todo.setdefault(train.run_dir_status(p.config(s, sweep_dir)), []).append(s)
+        for seeds in todo.values():
+            if group_seeds and len(seeds) > 1:
+                jobs.append(Job(p, tuple(seeds), sweep_dir / "logs" / f"{p.name}.seed{'_'.join(map(str, seeds))}.log"))
+            else:
+                jobs += [Job(p, (s,), sweep_dir / "logs" / f"{p.name}.seed{s}.log") for s in seeds]
         jobs += [Job(p, (s,), sweep_dir / "logs" / f"{p.name}.seed{s}.log", fresh=True) for s in fresh]
     return jobs, skipped
 
@@ -349,7 +351,7 @@ def run_job(command: list[str], log_path: str, env: dict[str, str]) -> int:
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 
 def _final_return(sweep_dir: Path, job: Job) -> str:
@@ -373,7 +375,7 @@ def execute(sweep: Sweep, sweep_dir: Path, executor: str = "local", workers: int
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep, sweep_dir)
     jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed)
-    result: dict[str, list[str]] = {"finished": [], "failed": [], "skipped": sum(skipped.values(), [])}
+    result: dict[str, list[str]] = {"finished": [], "failed": [], "skipped": [n for names in skipped.values() for n in names]}
     status_path = sweep_dir / "sweep_status.json"
 
     def record() -> None:
