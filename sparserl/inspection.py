@@ -18,8 +18,10 @@ def _layer_row(layer: dict) -> dict:
 
 
 def update_flops(cfg: Config, state, obs_dim: int, action_dim: int) -> float:
-    """FLOPs of one gradient step (XLA cost analysis of the compiled update, K=1)."""
+    """FLOPs of one gradient step (XLA cost analysis of the compiled update, K=1; stream_ac: one env step)."""
     agent = agents.get(cfg.agent)
+    if hasattr(agent, "update_flops"):  # streaming agents: one step on one transition
+        return agent.update_flops(cfg, state, obs_dim, action_dim)
     b = cfg.batch_size
     spec = jax.ShapeDtypeStruct
     batches = Batch(spec((1, b, obs_dim), jnp.float32), spec((1, b, action_dim), jnp.float32),

@@ -120,6 +120,8 @@ def plot_curves(run_dir: Path) -> Path:
         return list(zip(*pts)) if pts else ([], [])
 
     panels = [("eval_return", "evaluation return"), ("critic_loss", "critic loss"), ("actor_loss", "actor loss")]
+    if rows and "critic_loss" not in rows[0]:  # streaming agents (stream_ac): returns of training episodes
+        panels = [("eval_return", "training-episode return"), ("abs_td_error", "|TD error|"), ("entropy", "policy entropy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.2))
     for ax, (key, title) in zip(axes, panels):
         x, y = series(key)

@@ -1,12 +1,13 @@
 """Agents: each module exposes ``METRICS``, ``init(cfg, obs_dim, action_dim)``,
 ``act(actor_params, obs, key, deterministic, cfg)`` and ``update(state, batches, obs_stats, cfg)`` (K
-gradient steps in one ``lax.scan``). Their states hold ``actor`` and ``critic`` :class:`Module` s."""
+gradient steps in one ``lax.scan``); ``stream_ac`` (streaming, no batches) has ``step`` and ``begin``
+instead of ``update`` (see :mod:`sparserl.stream`). Their states hold ``actor`` and ``critic`` :class:`Module` s."""
 
 from types import ModuleType
 
-from sparserl.agents import ddpg, sac
+from sparserl.agents import ddpg, sac, stream_ac
 
-AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg}
+AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg, "stream_ac": stream_ac}
 
 
 def get(name: str) -> ModuleType:
