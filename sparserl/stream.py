@@ -139,8 +139,8 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
             if needs_reset:
                 state, action = begin_fn(state, env.reset())
                 needs_reset = False
-            a = np.clip(np.asarray(action), -1.0, 1.0)  # the only host sync of the step
-            t = timers.add("act", t)
+            a = np.clip(np.asarray(action), -1.0, 1.0)  # the only host sync: waits for the previous update
+            t = timers.add("update", t)
             next_obs, reward, terminated, truncated = env.step(a)
             episode_return += reward
             t = timers.add("env", t)
