@@ -164,8 +164,9 @@ class Config:
 
     def default_name(self) -> str:
         a, c = self.actor, self.critic
+        init = "" if self.init == "dense" else f"-{self.init.replace('_', '')}"
         return (f"{self.agent}-{self.env.replace(':', '_')}-a{a.width}x{a.blocks}s{a.sparsity:g}"
-                f"-c{c.width}x{c.blocks}s{c.sparsity:g}-seed{self.seed}")
+                f"-c{c.width}x{c.blocks}s{c.sparsity:g}{init}-seed{self.seed}")
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -74,7 +74,7 @@ def adaptive_obgd(alpha: float = 1.0, kappa: float = 2.0, gamma: float = 0.99, l
     running average of ``(δe)²``; the bound uses the scaled trace."""
 
     def init(params):
-        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731
+        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
         return AdaptiveObGDState(zeros(), zeros(), jnp.zeros((), jnp.int32), jnp.asarray(alpha, jnp.float32))
 
     def update(grads, state, params=None, *, delta, **extra):

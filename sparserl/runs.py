@@ -82,7 +82,8 @@ def describe(run_dir: Path, root: Path | None = None) -> dict:
     return {
         "name": str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name, "env": cfg.get("env", "?"), "agent": cfg.get("agent", "?"),
         "widths": f"a{a.get('width')}x{a.get('blocks')} c{c.get('width')}x{c.get('blocks')}",
-        "sparsity": f"a{a.get('sparsity', 0):g} c{c.get('sparsity', 0):g}",
+        "sparsity": f"a{a.get('sparsity', 0):g} c{c.get('sparsity', 0):g}"
+                    + (f" {cfg['init']}" if cfg.get("init", "dense") != "dense" else ""),
         "env_steps": f"{int(last['env_step']) if last else 0}/{cfg.get('env_steps', '?')}",
         "eval_return": f"{float(last['eval_return']):.1f}" if last.get("eval_return") else "-",
         "status": run_status(run_dir),

@@ -27,7 +27,7 @@ import functools
 import json
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

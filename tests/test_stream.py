@@ -45,7 +45,7 @@ def stream_config(**overrides) -> config.Config:
 # 1. ObGD
 
 
-finite = dict(allow_nan=False, allow_infinity=False)
+finite = {"allow_nan": False, "allow_infinity": False}
 vectors = hnp.arrays(np.float32, st.integers(1, 12), elements=st.floats(-50, 50, width=32, **finite))
 
 
@@ -102,7 +102,7 @@ def test_obgd_matches_a_hand_computed_update_on_a_tiny_network():
     tx = obgd.obgd(alpha, kappa, gamma, lamda)
     params = {"U": jnp.asarray(U, jnp.float32), "w": jnp.asarray(w, jnp.float32)}
     state = tx.init(params)
-    v_fn = lambda p, x: p["w"] @ jax.nn.relu(p["U"] @ x)  # noqa: E731
+    v_fn = lambda p, x: p["w"] @ jax.nn.relu(p["U"] @ x)
 
     e_U, e_w = np.zeros_like(U), np.zeros_like(w)
     bounded = []
@@ -209,13 +209,13 @@ def stream_step_fns(cfg, time_limit=100):
 def test_step_is_deterministic_computes_the_td_error_and_resets_traces_at_episode_end():
     cfg = stream_config()
     step, begin = stream_step_fns(cfg)
-    state, a0 = begin(stream_ac.init(cfg, OBS, ACT), jnp.array([0.5, -1.0, 2.0]))
+    state, _ = begin(stream_ac.init(cfg, OBS, ACT), jnp.array([0.5, -1.0, 2.0]))
     rng = np.random.default_rng(1)
     tr = random_transition(rng)
     out1, out2 = step(state, tr), step(state, tr)
     for x, y in zip(jax.tree_util.tree_leaves(out1), jax.tree_util.tree_leaves(out2)):
         np.testing.assert_array_equal(x, y)  # bit-identical
-    new, metrics, action = out1
+    new, metrics, _ = out1
     # δ by hand from the pre-update critic: the first scaled reward is r/sqrt(1+eps) (var 1 until 2 samples)
     v = stream_ac.value(state.critic.params, state.obs)
     v_next = stream_ac.value(state.critic.params, new.obs)
@@ -319,7 +319,7 @@ def test_run_directory_contract_checkpoints_and_exact_resume(tiny_envs, tmp_path
         for suffix in (".npz", ".json"):
             (run_dir / "checkpoints" / f"step_{step:010d}{suffix}").unlink()
     resumed = train.train(stream_config(**dict(a.split("=") for a in args), run_dir=str(run_dir)), log=lambda m: None)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(metrics_rows(run_dir)) == strip(rows)
     assert resumed["final_return"] == summary["final_return"]
 

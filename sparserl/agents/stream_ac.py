@@ -25,6 +25,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -101,10 +102,10 @@ def sparse_init(key, params: dict, fraction: float) -> dict:
     for i, x in enumerate(leaves):
         if x.ndim == 2:
             fan_in, fan_out = x.shape
-            zeros = int(math.ceil(fraction * fan_in))
+            zeros = math.ceil(fraction * fan_in)
             keys = jax.random.split(jax.random.fold_in(key, i), fan_out)
             # per output unit (column), a random permutation's first `zeros` inputs are zeroed
-            ranks = jax.vmap(lambda k: jax.random.permutation(k, fan_in))(keys).T  # (fan_in, fan_out)
+            ranks = jax.vmap(functools.partial(jax.random.permutation, x=fan_in))(keys).T  # (fan_in, fan_out)
             x = jnp.where(ranks < zeros, 0.0, x)
         out.append(x)
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -126,10 +127,10 @@ class Welford(NamedTuple):
     count: jax.Array
 
     @staticmethod
-    def zeros(shape=()) -> "Welford":
+    def zeros(shape=()) -> Welford:
         return Welford(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
 
-    def update(self, x: jax.Array) -> "Welford":
+    def update(self, x: jax.Array) -> Welford:
         count = self.count + 1
         mean = self.mean + (x - self.mean) / count
         return Welford(mean, self.p + (x - self.mean) * (x - mean), count)
