@@ -3,7 +3,7 @@
 ``train.train(cfg)`` hands ``stream_ac`` configs to :func:`train_stream`, which writes the same run
 directory as every other agent with the machinery of :mod:`sparserl.train` (run-directory checks,
 ``RUNNING`` marker, ``config.yaml`` / ``model.json`` / ``metrics.csv`` / ``summary.json``,
-checkpoints and exact resume, numerical faults, progress bar).
+checkpoints and exact resume, numerical faults, progress bar, TensorBoard / W&B loggers).
 
 Per env step the host does: ``env.step(action)``; one jitted call (donated state) that normalises
 the next observation, scales the reward, runs the ObGD updates of actor and critic, adds the
@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import checkpoint, envs, runs
+from sparserl import checkpoint, envs, loggers, runs
 from sparserl.agents import common, stream_ac
-from sparserl.config import Config
+from sparserl.config import Config, to_yaml
 from sparserl.train import (Timers, _fmt, _truncate_csv, accumulate, fresh_sums, metric_columns, model_stats,
                             numerical_fault, run_dir_status, start_run_dir, write_summary)
 
@@ -96,7 +96,7 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
             if not meta["needs_reset"] and start_step < cfg.agent_steps:
                 raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
             _truncate_csv(run_dir / "metrics.csv", csv_rows)
-            state = jax.tree_util.tree_map(jnp.asarray, state)
+            state, sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
             log(f"[{run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
     if status == "new":
         start_run_dir(cfg, stats)
@@ -105,6 +105,7 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
     norms_fn = jax.jit(lambda st: {"actor_param_norm": common.global_norm(st.actor.params),
                                    "critic_param_norm": common.global_norm(st.critic.params)})
     runs.mark_running(run_dir)
+    live = loggers.make_loggers(cfg, run_dir, to_yaml(cfg), cfg.to_dict())  # log.tensorboard / log.wandb
     f = open(run_dir / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(f, fieldnames=columns)
     start = time.perf_counter() - wall_offset
@@ -170,6 +171,8 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
                        "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start), "wall_time": now - start}
                 writer.writerow({k: _fmt(row.get(k)) for k in columns})
                 f.flush()
+                for logger in live:
+                    logger.log_scalars(env_step, {k: row.get(k) for k in columns if k != "env_step"}, "metrics")
                 csv_rows += 1
                 row_returns = []
                 sums, steps_in_row = fresh_sums(stream_ac), 0
@@ -184,6 +187,8 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
     finally:
         bar.close()
         f.close()
+        for logger in live:
+            logger.close()
         runs.clear_running(run_dir)
 
     wall = time.perf_counter() - start

@@ -49,7 +49,7 @@ finite = {"allow_nan": False, "allow_infinity": False}
 vectors = hnp.arrays(np.float32, st.integers(1, 12), elements=st.floats(-50, 50, width=32, **finite))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(delta=st.floats(-1e3, 1e3, **finite), grads=vectors, trace_scale=st.floats(0, 3, **finite),
        alpha=st.floats(1e-3, 10, **finite), kappa=st.floats(0.1, 10, **finite), lamda=st.floats(0, 1, **finite),
        adaptive=st.booleans())
@@ -76,7 +76,7 @@ def test_obgd_effective_step_never_overshoots_the_bound(delta, grads, trace_scal
         np.testing.assert_allclose(u, step * delta * np.asarray(x), rtol=1e-4, atol=1e-6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(x=hnp.arrays(np.float64, st.integers(1, 10), elements=st.floats(-1, 1, **finite)),
        theta=hnp.arrays(np.float64, 10, elements=st.floats(-5, 5, **finite)),
        target=st.floats(-100, 100, **finite), alpha=st.floats(1e-2, 10, **finite), kappa=st.floats(1, 5, **finite))

@@ -7,11 +7,12 @@ from types import ModuleType
 
 from sparserl.agents import ddpg, sac, stream_ac
 
-AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg, "stream_ac": stream_ac}
+AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg}  # replay agents: batched ``update``
+STREAMING: dict[str, ModuleType] = {"stream_ac": stream_ac}  # one transition per ``step``
 
 
 def get(name: str) -> ModuleType:
-    return AGENTS[name]
+    return AGENTS[name] if name in AGENTS else STREAMING[name]
 
 
 def modules(state) -> dict:

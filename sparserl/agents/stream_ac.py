@@ -183,7 +183,8 @@ def observe(state: State, obs_raw: jax.Array, t: jax.Array, cfg: Config, time_li
     return state._replace(obs_stats=stats), x
 
 
-def act(actor_params, x: jax.Array, key, deterministic: bool = False) -> jax.Array:
+def act(actor_params, x: jax.Array, key, deterministic: bool = False, cfg: Config | None = None) -> jax.Array:
+    """A Gaussian sample (the mean when ``deterministic``); ``cfg`` unused (the agents' common signature)."""
     mu, std = policy(actor_params, x)
     return mu if deterministic else mu + std * jax.random.normal(key, mu.shape)
 
