@@ -6,9 +6,14 @@
 * ``end_to_end``: the real train loop on humanoid-run (default SAC, UTD 2) over >= 60 s of
   learning after warm-up: ``agent_steps_per_s``, the FLOP-limited rate
   ``matmul_gflops / (flops_per_update * utd)``, their ratio, and the share of wall time per phase;
-* ``seeds``: the vmapped update over 1, 2, 4, 8 stacked seeds: seed-updates per second.
+* ``seeds``: the vmapped update over 1, 2, 4, 8 stacked seeds: seed-updates per second;
+* ``streaming``: Stream AC(λ) (``configs/stream_ac.yaml``, 2 hidden layers) per width (128, 1024):
+  ``updates_per_s`` of the jitted per-step call alone (one transition, ObGD on actor and critic,
+  next action), its FLOPs, and ``agent_steps_per_s`` of the real streaming loop on gym:Hopper-v5
+  (compilation excluded) with the loop's share of wall time per phase.
 
     python benchmarks/bench.py --out bench.json [--widths 512 1024 2048] [--seconds 5] [--learn-seconds 60]
+                               [--stream-widths 128 1024] [--stream-steps 6000]
 """
 
 from __future__ import annotations
@@ -118,6 +123,39 @@ def seed_scaling(counts: list[int], seconds: float) -> list[dict]:
     return out
 
 
+def stream_benchmark(width: int, seconds: float, loop_steps: int) -> dict:
+    """Streaming Stream AC(λ) at one width: the jitted step alone, then the real loop on Hopper."""
+    from sparserl import envs, stream
+    from sparserl.agents import stream_ac
+
+    preset = str(Path(__file__).resolve().parent.parent / "configs" / "stream_ac.yaml")
+    cfg = config.from_args(preset, [f"actor.width={width}", f"critic.width={width}", "progress=false"])
+    env = envs.make(cfg.env, 0, 1)
+    state = stream_ac.init(cfg, env.obs_dim, env.action_dim)
+    flops = stream_ac.update_flops(cfg, state, env.obs_dim, env.action_dim)
+    step, begin = stream.make_step(cfg, env.time_limit)
+    state, _ = begin(state, env.reset())
+    holder = [state, train.fresh_sums(stream_ac)]
+    transition = stream_ac.pack(env.reset(), 1.0, False, False)
+
+    def one():
+        holder[0], holder[1], action = step(holder[0], holder[1], transition)
+        np.asarray(action)
+
+    updates_per_s = timed(one, seconds)
+    with tempfile.TemporaryDirectory() as tmp:  # first row: compilation and warm-up; timed: the rows after it
+        run = config.build({**{k: v for k, v in config.flatten(cfg.to_dict()).items()}, "env_steps": loop_steps,
+                            "eval_every": max(1, loop_steps // 6), "checkpoint_every": 10**9,
+                            "run_dir": str(Path(tmp) / "run")})
+        summary = train.train(run, log=lambda msg: None)
+        rows = list(csv.DictReader(open(Path(tmp) / "run" / "metrics.csv")))
+    steps = int(rows[-1]["agent_step"]) - int(rows[0]["agent_step"])
+    loop_rate = steps / (float(rows[-1]["wall_time"]) - float(rows[0]["wall_time"]))
+    params = sum(summary["params"][m]["total_params"] for m in ("actor", "critic"))
+    return {"width": width, "env": cfg.env, "total_params": params, "flops_per_step": flops,
+            "updates_per_s": updates_per_s, "agent_steps_per_s": loop_rate, "time_share": summary["time_share"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
@@ -126,6 +164,9 @@ def main() -> None:
     parser.add_argument("--utd", type=int, default=2, help="gradient steps per jitted call")
     parser.add_argument("--learn-seconds", type=float, default=60.0, help="end-to-end learning time (0: skip)")
     parser.add_argument("--seed-counts", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--stream-widths", type=int, nargs="*", default=[128, 1024],
+                        help="Stream AC(λ) widths to time (none: skip)")
+    parser.add_argument("--stream-steps", type=int, default=6000, help="env steps of each streaming loop run")
     args = parser.parse_args()
 
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine(),
@@ -158,6 +199,17 @@ def main() -> None:
     if args.seed_counts:
         print("vmapped seeds (default SAC):")
         results["seeds"] = seed_scaling(args.seed_counts, args.seconds)
+    if args.stream_widths:
+        print("streaming Stream AC(λ), gym:Hopper-v5:")
+        results["streaming"] = []
+        for width in args.stream_widths:
+            r = stream_benchmark(width, args.seconds, args.stream_steps)
+            results["streaming"].append(r)
+            print(f"  width {width}: {r['total_params']:,} params, {r['flops_per_step'] / 1e6:.1f} MFLOP/step, "
+                  f"{r['updates_per_s']:.0f} updates/s (jitted step alone), {r['agent_steps_per_s']:.0f} agent steps/s "
+                  f"(loop with env)", flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")

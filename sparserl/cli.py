@@ -24,6 +24,7 @@ TRAIN_EPILOG = textwrap.dedent("""\
       sparserl train configs/humanoid_run.yaml critic.sparsity=0.9 seed=1
       sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 critic.sparsity=0.9
       sparserl train env=gym:HalfCheetah-v5 action_repeat=1
+      sparserl train configs/stream_ac.yaml env=gym:Walker2d-v5 init=sparse_init        # streaming Stream AC(λ)
       sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
 
     Rerunning the same command on an existing run directory resumes it from its last checkpoint.
@@ -211,7 +212,8 @@ def cmd_demo(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparserl",
-        description="Train, sweep, report on and diagnose statically sparse deep-RL agents.",
+        description="Train, sweep, report on and diagnose statically sparse deep-RL agents "
+                    "(SAC, DDPG on SimBa networks; streaming Stream AC(λ)).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `sparserl COMMAND --help` for the options and examples of a command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -31,14 +31,14 @@ def _opt(default, *, choices=None, low=None, high=None, low_open=False, high_ope
 @dataclass(frozen=True)
 class ActorConfig:
     width: int = _opt(128, low=1, doc="hidden width H of the actor encoder")
-    blocks: int = _opt(1, low=1, doc="residual blocks (simba) or extra hidden layers (mlp)")
+    blocks: int = _opt(1, low=1, doc="residual blocks (simba), extra hidden layers (mlp), or hidden layers (stream_ac)")
     sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
 
 
 @dataclass(frozen=True)
 class CriticConfig:
     width: int = _opt(512, low=1, doc="hidden width H of the critic encoder")
-    blocks: int = _opt(2, low=1, doc="residual blocks (simba) or extra hidden layers (mlp)")
+    blocks: int = _opt(2, low=1, doc="residual blocks (simba), extra hidden layers (mlp), or hidden layers (stream_ac)")
     sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
     cdq: bool = _opt(False, doc="clipped double-Q (two critics, min target); off on DMC per the paper")
 
@@ -67,6 +67,22 @@ class DDPGConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    alpha: float = _opt(1.0, low=0.0, low_open=True, doc="stream_ac: ObGD step size α (before the overshooting bound)")
+    kappa_policy: float = _opt(3.0, low=0.0, low_open=True, doc="stream_ac: ObGD bound κ of the actor")
+    kappa_value: float = _opt(2.0, low=0.0, low_open=True, doc="stream_ac: ObGD bound κ of the critic")
+    lamda: float = _opt(0.8, low=0.0, high=1.0, doc="stream_ac: eligibility-trace decay λ (traces decay by γλ)")
+    entropy_coef: float = _opt(0.01, low=0.0, doc="stream_ac: entropy coefficient (scaled by sign(δ), as in Stream AC)")
+    adaptive: bool = _opt(False, doc="stream_ac: adaptive ObGD (trace scaled by a running RMS of δe, β₂=0.999)")
+    beta2: float = _opt(0.999, low=0.0, high=1.0, high_open=True, doc="stream_ac: β₂ of adaptive ObGD")
+    sparse_init_fraction: float = _opt(0.9, low=0.0, high=1.0, high_open=True,
+                                       doc="stream_ac: fraction of each unit's fan-in zeroed by init=sparse_init")
+    reward_scale: bool = _opt(True, doc="stream_ac: divide rewards by the running std of the discounted return")
+    final_episodes: int = _opt(10, low=1, doc="stream_ac: summary final_return = mean of the last this many "
+                                              "training episodes")
+
+
+@dataclass(frozen=True)
 class ResetConfig:
     every: int = _opt(0, low=0, doc="reset actor and critic parameters and optimizer states every this many env "
                                     "steps (masks and buffer kept; 0 = never)")
@@ -90,7 +106,11 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class Config:
-    agent: str = _opt("sac", choices=("sac", "ddpg"), doc="learning algorithm")
+    agent: str = _opt("sac", choices=("sac", "ddpg", "stream_ac"), doc="learning algorithm (stream_ac: streaming "
+                      "Stream AC(λ) with ObGD, see docs/streaming.md)")
+    init: str = _opt("dense", choices=("dense", "sparse_init"),
+                     doc="stream_ac weight init: dense, or sparse_init (stream.sparse_init_fraction of each unit's "
+                         "fan-in zeroed at init, then trainable)")
     env: str = _opt("humanoid-run", doc="DMC task as domain-task, or a Gymnasium id as gym:Id")
     seed: int = _opt(0, low=0, doc="seed of initialisation, environments and sampling")
     seeds: str | None = _opt(None, doc="several seeds trained together (vmapped), e.g. 0,1,2,3; overrides seed")
@@ -132,6 +152,7 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     sac: SACConfig = field(default_factory=SACConfig)
     ddpg: DDPGConfig = field(default_factory=DDPGConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     @property
     def mask_seed(self) -> int:
@@ -143,8 +164,9 @@ class Config:
 
     def default_name(self) -> str:
         a, c = self.actor, self.critic
+        init = "" if self.init == "dense" else f"-{self.init.replace('_', '')}"
         return (f"{self.agent}-{self.env.replace(':', '_')}-a{a.width}x{a.blocks}s{a.sparsity:g}"
-                f"-c{c.width}x{c.blocks}s{c.sparsity:g}-seed{self.seed}")
+                f"-c{c.width}x{c.blocks}s{c.sparsity:g}{init}-seed{self.seed}")
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -360,6 +382,14 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")
     if cfg.sac.log_std_min >= cfg.sac.log_std_max:
         raise ConfigError(f"sac.log_std_min={cfg.sac.log_std_min}: must be below sac.log_std_max={cfg.sac.log_std_max}")
+    if cfg.agent != "stream_ac" and cfg.init != "dense":
+        raise ConfigError(f"init={cfg.init!r}: only agent=stream_ac has a sparse_init option; use actor.sparsity/"
+                          f"critic.sparsity for a static mask")
+    if cfg.agent == "stream_ac":
+        for key, value, allowed in (("critic.cdq", cfg.critic.cdq, False), ("reset.every", cfg.reset.every, 0),
+                                    ("video.every", cfg.video.every, 0), ("seed_parallel", cfg.seed_parallel, "vmap")):
+            if (key != "seed_parallel" and value != allowed) or (key == "seed_parallel" and value == allowed):
+                raise ConfigError(f"{key}={value!r}: not supported by agent=stream_ac (see docs/streaming.md)")
     if check_env:
         from sparserl import envs
 

@@ -32,6 +32,9 @@ def load_run(run_dir: Path):
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r}: not a sparserl run directory (no config.yaml)")
     cfg = config.build(config.flatten(yaml.safe_load(cfg_path.read_text())), check_env=False)
+    if cfg.agent == "stream_ac":
+        raise ConfigError(f"{str(run_dir)!r}: agent=stream_ac keeps no replay buffer to draw a probe set from; "
+                          f"diagnose supports sac and ddpg runs")
     loaded = checkpoint.latest_valid(run_dir / "checkpoints", log=lambda m: print(m))
     if loaded is None:
         raise ConfigError(f"{str(run_dir)!r}: has no usable checkpoint yet")

@@ -8,6 +8,7 @@ Both come out with the same small interface: flat float32 observations, actions 
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 
@@ -57,6 +58,7 @@ class Env:
 
     obs_dim: int
     action_dim: int
+    time_limit: int  # agent steps after which an episode ends by time limit (the streaming time feature)
 
     def reset(self) -> np.ndarray:
         raise NotImplementedError
@@ -91,6 +93,8 @@ class DMCEnv(Env):
         self.action_dim = int(spec.shape[0])
         self.obs_dim = int(sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values()))
         self.action_repeat = action_repeat
+        limit = float(getattr(self._env, "_step_limit", 1000))
+        self.time_limit = math.ceil((limit if math.isfinite(limit) else 1000) / action_repeat)
 
     @property
     def physics(self):
@@ -133,6 +137,8 @@ class GymEnv(Env):
         self.action_dim = int(np.prod(space.shape))
         self.obs_dim = int(np.prod(self._env.observation_space.shape))
         self.action_repeat = action_repeat
+        limit = self._env.spec.max_episode_steps if self._env.spec is not None else None
+        self.time_limit = math.ceil((limit or 1000) / action_repeat)
         self._seed = seed
 
     def reset(self) -> np.ndarray:

@@ -36,6 +36,8 @@ def update_flops(cfg: Config, state, obs_dim: int, action_dim: int, compile: boo
     (``jax.eval_shape``); ``compile=False`` analyses the lowered program (within 0.1% of the
     compiled count for SAC, and seconds instead of minutes for 100M-parameter models)."""
     agent = agents.get(cfg.agent)
+    if hasattr(agent, "update_flops"):  # streaming agents: one step on one transition
+        return agent.update_flops(cfg, state, obs_dim, action_dim)
     batches, stats = _update_inputs(cfg, obs_dim, action_dim)
     lowered = jax.jit(agent.update, static_argnames="cfg").lower(state, batches, stats, cfg=cfg)
     return _flops(lowered.compile().cost_analysis() if compile else lowered.cost_analysis())
@@ -54,7 +56,8 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
                 for x in jax.tree_util.tree_leaves(m.params))
     nonzero = total - int(sum(n - kept for n, kept in draws))
     flops = update_flops(cfg, state, env.obs_dim, env.action_dim, compile=False)
-    updates = max(0, cfg.agent_steps - cfg.warmup_steps) * cfg.utd
+    # Streaming agents update on every step from the first; replay agents after warm-up, utd times.
+    updates = cfg.agent_steps if cfg.agent == "stream_ac" else max(0, cfg.agent_steps - cfg.warmup_steps) * cfg.utd
     return {"total_params": total, "nonzero_params": nonzero, "flops_per_update": flops,
             "updates": updates, "total_flops": flops * updates}
 

@@ -82,7 +82,8 @@ def describe(run_dir: Path, root: Path | None = None) -> dict:
     return {
         "name": str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name, "env": cfg.get("env", "?"), "agent": cfg.get("agent", "?"),
         "widths": f"a{a.get('width')}x{a.get('blocks')} c{c.get('width')}x{c.get('blocks')}",
-        "sparsity": f"a{a.get('sparsity', 0):g} c{c.get('sparsity', 0):g}",
+        "sparsity": f"a{a.get('sparsity', 0):g} c{c.get('sparsity', 0):g}"
+                    + (f" {cfg['init']}" if cfg.get("init", "dense") != "dense" else ""),
         "env_steps": f"{int(last['env_step']) if last else 0}/{cfg.get('env_steps', '?')}",
         "eval_return": f"{float(last['eval_return']):.1f}" if last.get("eval_return") else "-",
         "status": run_status(run_dir),
@@ -120,6 +121,8 @@ def plot_curves(run_dir: Path) -> Path:
         return list(zip(*pts)) if pts else ([], [])
 
     panels = [("eval_return", "evaluation return"), ("critic_loss", "critic loss"), ("actor_loss", "actor loss")]
+    if rows and "critic_loss" not in rows[0]:  # streaming agents (stream_ac): returns of training episodes
+        panels = [("eval_return", "training-episode return"), ("abs_td_error", "|TD error|"), ("entropy", "policy entropy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.2))
     for ax, (key, title) in zip(axes, panels):
         x, y = series(key)

@@ -276,6 +276,35 @@ def _clear_run_dir(run_dir: Path, keep_corrupt: bool) -> None:
             p.unlink()
 
 
+def start_run_dir(cfg: Config, stats: dict) -> None:
+    """A fresh run directory: ``config.yaml``, ``model.json`` and the header of ``metrics.csv``."""
+    run_dir = cfg.resolved_run_dir
+    if run_dir.exists():  # overwrite=true, or a run without a usable checkpoint
+        _clear_run_dir(run_dir, keep_corrupt=not cfg.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "model.json").write_text(json.dumps(stats, indent=1))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerow(metric_columns(cfg))
+
+
+def numerical_fault(run_dir: Path, quantity: str, step: int, action_repeat: int) -> NumericalFault:
+    """Write ``error.txt`` and return the exception that stops the run."""
+    msg = (f"non-finite {quantity} at agent step {step} (env step {step * action_repeat}); "
+           f"last good checkpoint kept in {run_dir / 'checkpoints'}")
+    (run_dir / "error.txt").write_text(msg + "\n")
+    return NumericalFault(f"[{run_dir.name}] {msg}")
+
+
+def write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> None:
+    """``summary.json`` (marks the run finished), then ``curves.png``."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    try:  # a picture is a convenience: failing to draw it must not lose the run
+        runs.plot_curves(run_dir)
+    except Exception as e:  # noqa: BLE001
+        log(f"[{run_dir.name}] warning: could not draw curves.png ({e})")
+
+
 def _truncate_csv(path: Path, rows: int) -> None:
     """Drop rows written after the checkpoint: they are recomputed, identically, on resume."""
     lines = path.read_text().splitlines(keepends=True)
@@ -290,6 +319,19 @@ def fresh_sums(agent) -> dict:
     """Metric sums over a metrics row, plus the first numerical fault (quantity index, agent step)."""
     sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
     return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
+
+
+def accumulate(sums: dict, metrics: dict, names: tuple[str, ...], step) -> dict:
+    """Add one update's metrics to the row's sums and note the first non-finite one (on the device).
+
+    Losses and gradient norms turn non-finite as soon as any parameter does: checking these scalars
+    every step costs nothing, unlike a pass over all parameters."""
+    bad = jnp.stack([~jnp.isfinite(metrics[k]).all() for k in names])
+    new_fault = (sums["_fault"] < 0) & bad.any()
+    out = {k: sums[k] + metrics[k].mean() for k in names}
+    out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
+    out["_fault_step"] = jnp.where(new_fault, step, sums["_fault_step"])
+    return out
 
 
 class SeedGroup:
@@ -323,14 +365,7 @@ class SeedGroup:
 
     def _learn(self, state, sums, batches, obs_stats, first_step):
         state, metrics = self.agent.update(state, batches, obs_stats, self.cfg)
-        # Losses and gradient norms turn non-finite as soon as any parameter does: checking these
-        # scalars every step costs nothing, unlike a pass over all parameters.
-        bad = jnp.stack([~jnp.isfinite(metrics[k]).all() for k in self.agent.METRICS])
-        new_fault = (sums["_fault"] < 0) & bad.any()
-        out = {k: sums[k] + metrics[k].mean() for k in self.agent.METRICS}
-        out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
-        out["_fault_step"] = jnp.where(new_fault, first_step, sums["_fault_step"])
-        return state, out
+        return state, accumulate(sums, metrics, self.agent.METRICS, first_step)
 
     def act(self, obs: np.ndarray, stats: list[ObsStats], step: int, deterministic: bool) -> np.ndarray:
         if self.vmapped:
@@ -392,6 +427,10 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     """Train one or several seeds per ``cfg``. Returns the summary (a list of them for several seeds)."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     loggers.check_available(cfg)
+    if cfg.agent == "stream_ac":  # streaming: no replay, no batches -- its own small loop
+        from sparserl import stream
+
+        return stream.train_stream(cfg, log)
     seed_cfgs = cfg.per_seed()
     statuses = [run_dir_status(c) for c in seed_cfgs]
     if all(st == "finished" for st in statuses):
@@ -442,13 +481,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             log(f"[{seeds[0].run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
     if statuses[0] == "new":
         for s, c, st in zip(seeds, seed_cfgs, stats):
-            if s.run_dir.exists():  # overwrite=true, or a run without a usable checkpoint
-                _clear_run_dir(s.run_dir, keep_corrupt=not cfg.overwrite)
-            s.run_dir.mkdir(parents=True, exist_ok=True)
-            (s.run_dir / "config.yaml").write_text(to_yaml(c))
-            (s.run_dir / "model.json").write_text(json.dumps(st, indent=1))
-            with open(s.run_dir / "metrics.csv", "w", newline="") as f:
-                csv.writer(f).writerow(metric_columns(c))
+            start_run_dir(c, st)
 
     vmapped = cfg.seed_parallel == "vmap" or (cfg.seed_parallel == "auto" and jax.default_backend() != "cpu")
     group = SeedGroup(agent, cfg0, seed_cfgs, states, vmapped and len(seeds) > 1)
@@ -489,10 +522,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                dynamic_ncols=True, desc=name[:40], file=sys.stderr)
 
     def stop(s: Seed, quantity: str, step: int) -> None:
-        msg = (f"non-finite {quantity} at agent step {step} (env step {step * cfg.action_repeat}); "
-               f"last good checkpoint kept in {s.run_dir / 'checkpoints'}")
-        (s.run_dir / "error.txt").write_text(msg + "\n")
-        raise NumericalFault(f"[{s.run_dir.name}] {msg}")
+        raise numerical_fault(s.run_dir, quantity, step, cfg.action_repeat)
 
     def check_faults(host_sums: list[dict], norms: list[dict], agent_step: int) -> None:
         for s, sums_i, norms_i in zip(seeds, host_sums, norms):
@@ -641,11 +671,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             "time_share": {k: v / wall for k, v in timers.seconds.items()},
             "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in st.items()},
         }
-        (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_summary(s.run_dir, summary, log)
         summaries.append(summary)
-        try:  # a picture is a convenience: failing to draw it must not lose the run
-            runs.plot_curves(s.run_dir)
-        except Exception as e:  # noqa: BLE001
-            log(f"[{s.run_dir.name}] warning: could not draw curves.png ({e})")
     return summaries[0] if len(summaries) == 1 else summaries
 

@@ -101,7 +101,7 @@ def test_bundled_presets_expand_at_every_scale(preset):
         s = sweep.expand(preset, scale)
         assert s.description and s.points
         sizes[scale] = s.num_runs
-    assert sizes["smoke"] <= 4 and sizes["smoke"] <= sizes["small"] <= sizes["full"]
+    assert sizes["smoke"] <= 8 and sizes["smoke"] <= sizes["small"] <= sizes["full"]  # smoke: about a minute
 
 
 def test_scaling_preset_spans_the_papers_sizes():

@@ -44,15 +44,18 @@ def optimizer(cfg: Config, mask) -> optax.GradientTransformation:
     return sparsity.sparse_adamw(cfg.lr, cfg.weight_decay, mask)
 
 
-def init_module(cfg: Config, name: str, params, module_sparsity: float, always_dense=()) -> Module:
-    """Draw the module's mask (its own key, from the mask seed), prune the init, make AdamW state."""
+def init_module(cfg: Config, name: str, params, module_sparsity: float, always_dense=(),
+                make_optimizer=None) -> Module:
+    """Draw the module's mask (its own key, from the mask seed), prune the init, make the optimizer
+    state (masked AdamW by default; ``make_optimizer(mask)`` builds another, e.g. ObGD)."""
     try:
         mask = sparsity.make_mask(sparsity.module_key(cfg.mask_seed, name), params, module_sparsity,
                                   cfg.sparsity.method, cfg.sparsity.budget, cfg.sparsity.draw, always_dense)
     except ValueError as e:
         raise ConfigError(f"{name}.{e}") from None
     params = sparsity.apply_mask(params, mask)
-    return Module(params, optimizer(cfg, mask).init(params), mask)
+    tx = make_optimizer(mask) if make_optimizer else optimizer(cfg, mask)
+    return Module(params, tx.init(params), mask)
 
 
 def global_norm(tree) -> jax.Array:
