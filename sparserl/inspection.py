@@ -22,9 +22,13 @@ def update_flops(cfg: Config, state, obs_dim: int, action_dim: int) -> float:
     agent = agents.get(cfg.agent)
     b = cfg.batch_size
     spec = jax.ShapeDtypeStruct
-    batches = Batch(spec((1, b, obs_dim), jnp.float32), spec((1, b, action_dim), jnp.float32),
-                    spec((1, b), jnp.float32), spec((1, b), jnp.float32), spec((1, b, obs_dim), jnp.float32))
-    stats = ObsStats(spec((obs_dim,), jnp.float32), spec((obs_dim,), jnp.float32))
+    if cfg.pixels:  # uint8 frame stacks
+        shape, dtype, stats_dim = (cfg.render.size, cfg.render.size, 3 * cfg.frame_stack), jnp.uint8, 1
+    else:
+        shape, dtype, stats_dim = (obs_dim,), jnp.float32, obs_dim
+    batches = Batch(spec((1, b, *shape), dtype), spec((1, b, action_dim), jnp.float32),
+                    spec((1, b), jnp.float32), spec((1, b), jnp.float32), spec((1, b, *shape), dtype))
+    stats = ObsStats(spec((stats_dim,), jnp.float32), spec((stats_dim,), jnp.float32))
     compiled = jax.jit(agent.update, static_argnames="cfg").lower(state, batches, stats, cfg=cfg).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device program
@@ -35,7 +39,7 @@ def update_flops(cfg: Config, state, obs_dim: int, action_dim: int) -> float:
 def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
     from sparserl.train import model_stats
 
-    env = envs.make(cfg.env, 0, cfg.action_repeat)
+    env = envs.make_for(cfg, 0)
     state = agents.get(cfg.agent).init(cfg, env.obs_dim, env.action_dim)
     report: dict[str, Any] = {"agent": cfg.agent, "env": cfg.env, "obs_dim": env.obs_dim,
                               "action_dim": env.action_dim}
@@ -52,7 +56,7 @@ def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['agent']} on {report['env']} (obs {report['obs_dim']}, action {report['action_dim']})"]
-    for name in ("actor", "critic"):
+    for name in [n for n in ("encoder", "actor", "critic") if n in report]:
         m = report[name]
         lines.append("")
         lines.append(f"{name}: {m['total_params']:,} params, {m['nonzero_params']:,} non-zero "

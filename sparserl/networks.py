@@ -114,3 +114,68 @@ def critic(params: dict, obs: jax.Array, action: jax.Array) -> jax.Array:
 
 def num_params(params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel encoder (DrQ-v2): 3x3 convolutions, NHWC, kernels HWIO; first stride 2, then stride 1, VALID.
+#
+# XLA's CPU convolution is slow for these shapes (~10x off the FLOP-limited time), so ``conv2d``
+# computes the same convolution as im2col by slicing (9 shifted, strided views concatenated on the
+# channel axis) and one matmul with the kernel reshaped to (9*Cin, Cout); its gradients are those of
+# slices and a matmul. ``conv2d_reference`` is ``lax.conv_general_dilated``; tests check both agree.
+
+
+def init_conv(key, in_channels: int, out_channels: int, size: int = 3) -> dict:
+    fan_in = size * size * in_channels
+    kernel = jax.nn.initializers.orthogonal(jnp.sqrt(2.0))(key, (fan_in, out_channels), jnp.float32)
+    return {"kernel": kernel.reshape(size, size, in_channels, out_channels),
+            "bias": jnp.zeros((out_channels,), jnp.float32)}
+
+
+def conv2d_reference(p: dict, x: jax.Array, stride: int) -> jax.Array:
+    out = jax.lax.conv_general_dilated(x, p["kernel"], (stride, stride), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out + p["bias"]
+
+
+def conv2d(p: dict, x: jax.Array, stride: int) -> jax.Array:
+    kh, kw, cin, cout = p["kernel"].shape
+    h, w = x.shape[-3], x.shape[-2]
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    cols = [x[..., dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride, :]
+            for dy in range(kh) for dx in range(kw)]
+    patches = jnp.concatenate(cols, axis=-1)  # (..., ho, wo, kh*kw*cin) in HWI order
+    return patches @ p["kernel"].reshape(kh * kw * cin, cout) + p["bias"]
+
+
+def conv_out_size(size: int, layers: int) -> int:
+    size = (size - 3) // 2 + 1
+    return size - 2 * (layers - 1)
+
+
+def init_conv_encoder(key, in_channels: int, channels: int, layers: int) -> dict:
+    keys = jax.random.split(key, layers)
+    return {f"conv{i}": init_conv(keys[i], in_channels if i == 0 else channels, channels) for i in range(layers)}
+
+
+def conv_encoder(params: dict, obs: jax.Array, capture: dict | None = None, conv=None) -> jax.Array:
+    """uint8 frames (..., H, W, C) -> flat features: ``x/255 - 0.5``, then conv+ReLU layers."""
+    conv = conv or conv2d
+    h = obs.astype(jnp.float32) / 255.0 - 0.5
+    i = 0
+    while f"conv{i}" in params:
+        pre = conv(params[f"conv{i}"], h, 2 if i == 0 else 1)
+        h = jax.nn.relu(pre)
+        if capture is not None:
+            capture[f"pre_act/conv{i}"], capture[f"post_act/conv{i}"] = pre, h
+        i += 1
+    return h.reshape(*h.shape[:-3], -1)
+
+
+def init_trunk(key, in_dim: int, feature_dim: int) -> dict:
+    return {"dense": init_dense(key, in_dim, feature_dim), "norm": init_layer_norm(feature_dim)}
+
+
+def trunk(p: dict, x: jax.Array) -> jax.Array:
+    """DrQ-v2's trunk: Linear + LayerNorm + tanh."""
+    return jnp.tanh(layer_norm(p["norm"], dense(p["dense"], x)))
