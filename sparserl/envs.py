@@ -197,7 +197,7 @@ class PixelEnv(Env):
 
             callback = _fast_scene if self.fast else None
             self._camera = Camera(self.physics, self.size, self.size, self._camera_id, scene_callback=callback)
-        return self._camera.render()
+        return np.array(self._camera.render())  # a copy: the camera reuses its pixel buffer
 
     def _stacked(self) -> np.ndarray:
         return np.concatenate(self._frames, axis=-1)
