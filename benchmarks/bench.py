@@ -138,12 +138,12 @@ def encoder_benchmark(seconds: float, batch: int = 256) -> dict:
         if flops is None:  # the plain convolution's count (a scan's body may be counted once)
             cost = step.lower(params, frames).compile().cost_analysis()
             flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-        rate = timed(lambda: jax.block_until_ready(step(params, frames)), seconds)
+        rate = timed(lambda step=step: jax.block_until_ready(step(params, frames)), seconds)
         out[name] = {"seconds_per_call": 1.0 / rate, "achieved_gflops": rate * flops / 1e9}
     return {"batch": batch, "flops_per_call": flops, "variants": out}
 
 
-def pixel_benchmark(seconds: float, env_steps: int = 3000) -> dict:
+def pixel_benchmark(seconds: float, env_steps: int = 600) -> dict:
     from sparserl import envs
 
     frames = {}
@@ -151,17 +151,19 @@ def pixel_benchmark(seconds: float, env_steps: int = 3000) -> dict:
         env = envs.PixelEnv("cartpole-swingup", 0, 1, 84, 3, fast)
         env.reset()
         zero = np.zeros(env.action_dim)
-        frames["fast" if fast else "default"] = timed(lambda: env.step(zero), seconds)  # one render per step
+        frames["fast" if fast else "default"] = timed(lambda env=env, zero=zero: env.step(zero), seconds)  # one render per step
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.build({"agent": "drqv2", "env": "cartpole-swingup", "env_steps": env_steps,
                             "warmup_steps": env_steps // 4, "actor.width": 256, "critic.width": 256,
-                            "batch_size": 128, "render.fast": True, "eval_every": env_steps // 2,
+                            "batch_size": 64, "render.fast": True, "eval_every": env_steps // 2,
                             "eval_episodes": 1, "final_eval_episodes": 1, "diag_every": 0,
                             "checkpoint_every": 10**9, "progress": False, "run_dir": str(Path(tmp) / "run")})
         train.train(cfg, log=lambda msg: None)
-        rows = list(csv.DictReader(open(Path(tmp) / "run" / "metrics.csv")))
+        with open(Path(tmp) / "run" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
     return {"gl_backend": envs.gl_backend(), "frames_per_s": frames,
-            "train": {"config": "drqv2 cartpole-swingup, actor/critic width 256, batch 128, utd 1, render.fast",
+            "train": {"config": "drqv2 cartpole-swingup 84x84, actor/critic width 256, batch 64, utd 1, "
+                                        "render.fast; steps/s of the learning half (includes one eval episode)",
                       "learning_agent_steps_per_s": float(rows[-1]["steps_per_s"])}}
 
 

@@ -21,7 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from sparserl import agents, checkpoint, config, diagnostics, envs, networks, probe, replay, runs, sparsity
+from sparserl import (
+    agents,
+    checkpoint,
+    config,
+    diagnostics,
+    envs,
+    networks,
+    probe,
+    replay,
+    runs,
+    sparsity,
+)
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import ConfigError
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparserl.config import ConfigError
-
 from sparserl.agents.common import Batch
+from sparserl.config import ConfigError
 
 
 class ReplayBuffer:

@@ -58,7 +58,8 @@ class NumericalFault(RuntimeError):
 
 
 def metric_columns(cfg: Config) -> tuple[str, ...]:
-    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + NORM_COLUMNS + TAIL_COLUMNS
+    norms = (("encoder_param_norm",) if cfg.pixels else ()) + NORM_COLUMNS
+    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + norms + TAIL_COLUMNS
 
 
 def model_stats(state) -> dict[str, Any]:

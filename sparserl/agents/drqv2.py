@@ -174,9 +174,9 @@ def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
     target = common.polyak(state.target, critic.params, cfg.tau)
 
-    metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, q_mean=q_mean, std=std,
-                   encoder_grad_norm=encoder_grad_norm, actor_grad_norm=actor_grad_norm,
-                   critic_grad_norm=critic_grad_norm)
+    metrics = {"critic_loss": critic_loss, "actor_loss": actor_loss, "q_mean": q_mean, "std": std,
+               "encoder_grad_norm": encoder_grad_norm, "actor_grad_norm": actor_grad_norm,
+               "critic_grad_norm": critic_grad_norm}
     return DrQv2State(encoder, actor, critic, target, key, state.step + 1), metrics
 
 
