@@ -10,10 +10,16 @@
 * ``streaming``: Stream AC(λ) (``configs/stream_ac.yaml``, 2 hidden layers) per width (128, 1024):
   ``updates_per_s`` of the jitted per-step call alone (one transition, ObGD on actor and critic,
   next action), its FLOPs, and ``agent_steps_per_s`` of the real streaming loop on gym:Hopper-v5
-  (compilation excluded) with the loop's share of wall time per phase.
+  (compilation excluded) with the loop's share of wall time per phase;
+* ``encoder``: the DrQ-v2 pixel encoder (4 x 32 channels, 84x84x9 uint8 input) forward + backward at
+  batch 256: FLOPs (XLA cost analysis of the plain-convolution program), seconds per call and
+  achieved GFLOP/s for the plain ``lax.conv_general_dilated`` (``reference``), one im2col matmul
+  (``im2col``) and the library's ``conv2d`` (``sparserl``), each as a ratio to ``matmul_gflops``;
+* ``pixels``: rendering frames/s of a pixel env (default and ``render.fast``) and DrQ-v2 agent
+  steps/s of a small configuration in the real train loop.
 
     python benchmarks/bench.py --out bench.json [--widths 512 1024 2048] [--seconds 5] [--learn-seconds 60]
-                               [--stream-widths 128 1024] [--stream-steps 6000]
+                               [--stream-widths 128 1024] [--stream-steps 6000] [--no-pixels | --only-pixels]
 """
 
 from __future__ import annotations
@@ -156,6 +162,49 @@ def stream_benchmark(width: int, seconds: float, loop_steps: int) -> dict:
             "updates_per_s": updates_per_s, "agent_steps_per_s": loop_rate, "time_share": summary["time_share"]}
 
 
+def encoder_benchmark(seconds: float, batch: int = 256) -> dict:
+    from sparserl import networks
+
+    params = networks.init_conv_encoder(jax.random.PRNGKey(0), 9, 32, 4)
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 9)), jnp.uint8)
+    weights = jax.random.normal(jax.random.PRNGKey(1), (networks.conv_out_size(84, 4) ** 2 * 32,)) * 0.01
+    out, flops = {}, None
+    for name, conv in (("reference", networks.conv2d_reference), ("im2col", networks.conv2d_im2col),
+                       ("sparserl", networks.conv2d)):
+        loss = lambda p, x, conv=conv: (networks.conv_encoder(p, x, conv=conv) @ weights).mean()
+        step = jax.jit(jax.value_and_grad(loss))
+        if flops is None:  # the plain convolution's count (a scan's body may be counted once)
+            cost = step.lower(params, frames).compile().cost_analysis()
+            flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        rate = timed(lambda step=step: jax.block_until_ready(step(params, frames)), seconds)
+        out[name] = {"seconds_per_call": 1.0 / rate, "achieved_gflops": rate * flops / 1e9}
+    return {"batch": batch, "flops_per_call": flops, "variants": out}
+
+
+def pixel_benchmark(seconds: float, env_steps: int = 600) -> dict:
+    from sparserl import envs
+
+    frames = {}
+    for fast in (False, True):
+        env = envs.PixelEnv("cartpole-swingup", 0, 1, 84, 3, fast)
+        env.reset()
+        zero = np.zeros(env.action_dim)
+        frames["fast" if fast else "default"] = timed(lambda env=env, zero=zero: env.step(zero), seconds)  # one render per step
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.build({"agent": "drqv2", "env": "cartpole-swingup", "env_steps": env_steps,
+                            "warmup_steps": env_steps // 4, "actor.width": 256, "critic.width": 256,
+                            "batch_size": 64, "render.fast": True, "eval_every": env_steps // 2,
+                            "eval_episodes": 1, "final_eval_episodes": 1, "diag_every": 0,
+                            "checkpoint_every": 10**9, "progress": False, "run_dir": str(Path(tmp) / "run")})
+        train.train(cfg, log=lambda msg: None)
+        with open(Path(tmp) / "run" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    return {"gl_backend": envs.gl_backend(), "frames_per_s": frames,
+            "train": {"config": "drqv2 cartpole-swingup 84x84, actor/critic width 256, batch 64, utd 1, "
+                                        "render.fast; steps/s of the learning half (includes one eval episode)",
+                      "learning_agent_steps_per_s": float(rows[-1]["steps_per_s"])}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
@@ -167,11 +216,28 @@ def main() -> None:
     parser.add_argument("--stream-widths", type=int, nargs="*", default=[128, 1024],
                         help="Stream AC(λ) widths to time (none: skip)")
     parser.add_argument("--stream-steps", type=int, default=6000, help="env steps of each streaming loop run")
+    parser.add_argument("--no-pixels", action="store_true", help="skip the encoder and pixel benchmarks")
+    parser.add_argument("--only-pixels", action="store_true", help="only the matmul, encoder and pixel benchmarks")
     args = parser.parse_args()
 
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine(),
                "matmul_gflops": matmul_gflops(256, max(args.widths), args.seconds), "updates": []}
     print(f"matmul 256x{max(args.widths)}x{4 * max(args.widths)}: {results['matmul_gflops']:.1f} GFLOP/s")
+    if not args.no_pixels:
+        enc = results["encoder"] = encoder_benchmark(args.seconds)
+        print(f"pixel encoder fwd+bwd, batch {enc['batch']}: {enc['flops_per_call'] / 1e9:.1f} GFLOP per call")
+        for name, r in enc["variants"].items():
+            r["ratio_to_matmul"] = r["achieved_gflops"] / results["matmul_gflops"]
+            print(f"  {name:<10} {r['seconds_per_call']:.3f} s  {r['achieved_gflops']:.1f} GFLOP/s  "
+                  f"{r['ratio_to_matmul']:.2f} x matmul", flush=True)
+        pix = results["pixels"] = pixel_benchmark(args.seconds)
+        print(f"rendering 84x84 (MUJOCO_GL={pix['gl_backend']}): {pix['frames_per_s']['default']:.0f} frames/s default, "
+              f"{pix['frames_per_s']['fast']:.0f} frames/s render.fast; drqv2 small: "
+              f"{pix['train']['learning_agent_steps_per_s']:.1f} agent steps/s", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        if args.only_pixels:
+            return
     print(f"{'critic':>8} {'params':>12} {'GFLOP/update':>13} {'updates/s':>10} {'GFLOP/s':>9} {'efficiency':>10} "
           f"{'vs own-shape matmul':>20}")
     for width in args.widths:

@@ -83,6 +83,29 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class DrQv2Config:
+    std_start: float = _opt(1.0, low=0.0, doc="exploration std at the start of learning (linear schedule)")
+    std_end: float = _opt(0.1, low=0.0, doc="exploration std at the end of the schedule")
+    std_steps: int = _opt(500_000, low=1, doc="env steps over which the exploration std decays from std_start to std_end")
+    std_clip: float = _opt(0.3, low=0.0, doc="clip of the policy noise in the actor loss and TD targets")
+    aug_pad: int = _opt(4, low=0, doc="random-shift augmentation: pad by this many pixels (replicate), crop back")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    channels: int = _opt(32, low=1, doc="conv channels of every encoder layer (pixels)")
+    layers: int = _opt(4, low=1, doc="3x3 conv layers (stride 2 first, then 1)")
+    feature_dim: int = _opt(50, low=1, doc="trunk output: Linear(feature_dim) + LayerNorm + tanh, per actor/critic")
+    sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of conv weights pruned, in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    size: int = _opt(84, low=16, doc="pixel observations: rendered height and width")
+    fast: bool = _opt(False, doc="render without shadows and reflections (deviation from DrQ-v2; ~8x faster on CPU)")
+
+
+@dataclass(frozen=True)
 class ResetConfig:
     every: int = _opt(0, low=0, doc="reset actor and critic parameters and optimizer states every this many env "
                                     "steps (masks and buffer kept; 0 = never)")
@@ -106,8 +129,9 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class Config:
-    agent: str = _opt("sac", choices=("sac", "ddpg", "stream_ac"), doc="learning algorithm (stream_ac: streaming "
-                      "Stream AC(λ) with ObGD, see docs/streaming.md)")
+    agent: str = _opt("sac", choices=("sac", "ddpg", "drqv2", "stream_ac"),
+                      doc="learning algorithm (drqv2: from pixels, see docs/visual.md; stream_ac: streaming "
+                          "Stream AC(λ) with ObGD, see docs/streaming.md)")
     init: str = _opt("dense", choices=("dense", "sparse_init"),
                      doc="stream_ac weight init: dense, or sparse_init (stream.sparse_init_fraction of each unit's "
                          "fan-in zeroed at init, then trainable)")
@@ -129,7 +153,10 @@ class Config:
     gamma: float = _opt(0.99, low=0.0, high=1.0, doc="discount")
     tau: float = _opt(0.005, low=0.0, high=1.0, doc="Polyak rate of the target critic")
     arch: str = _opt("simba", choices=("simba", "mlp"), doc="network architecture of actor and critic")
-    obs_norm: bool = _opt(True, doc="normalise observations by running mean/std")
+    obs_norm: bool = _opt(True, doc="normalise observations by running mean/std (state observations only)")
+    pixels: bool = _opt(False, doc="observe rendered RGB frames instead of states (DMC tasks, agent=drqv2)")
+    frame_stack: int = _opt(3, low=1, doc="pixels: frames stacked into one observation")
+    n_step: int = _opt(1, low=1, doc="n-step returns (frame replay of agent=drqv2; drqv2 default 3)")
     eval_every: int = _opt(10_000, low=1, doc="evaluate every this many env steps")
     eval_episodes: int = _opt(10, low=1, doc="episodes per periodic evaluation")
     final_eval_episodes: int = _opt(100, low=1, doc="episodes of the final evaluation")
@@ -153,6 +180,9 @@ class Config:
     sac: SACConfig = field(default_factory=SACConfig)
     ddpg: DDPGConfig = field(default_factory=DDPGConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    drqv2: DrQv2Config = field(default_factory=DrQv2Config)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
 
     @property
     def mask_seed(self) -> int:
@@ -165,7 +195,8 @@ class Config:
     def default_name(self) -> str:
         a, c = self.actor, self.critic
         init = "" if self.init == "dense" else f"-{self.init.replace('_', '')}"
-        return (f"{self.agent}-{self.env.replace(':', '_')}-a{a.width}x{a.blocks}s{a.sparsity:g}"
+        enc = f"-e{self.encoder.channels}x{self.encoder.layers}s{self.encoder.sparsity:g}" if self.pixels else ""
+        return (f"{self.agent}-{self.env.replace(':', '_')}{enc}-a{a.width}x{a.blocks}s{a.sparsity:g}"
                 f"-c{c.width}x{c.blocks}s{c.sparsity:g}{init}-seed{self.seed}")
 
     @property
@@ -338,10 +369,23 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     return flatten(data)
 
 
+# Defaults of an agent that differ from the top-level ones (applied under the user's values when
+# that agent is chosen and no ``base`` config is given): DrQ-v2's published settings.
+AGENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "drqv2": {"pixels": True, "obs_norm": False, "arch": "mlp", "actor.width": 1024, "actor.blocks": 1,
+              "critic.width": 1024, "critic.blocks": 1, "critic.cdq": True, "lr": 1e-4, "weight_decay": 0.0,
+              "tau": 0.01, "utd": 1, "n_step": 3, "warmup_steps": 2000, "action_repeat": 2},
+}
+
+
 def build(values: dict[str, Any], base: Config | None = None, check_env: bool = True) -> Config:
-    """Apply flat ``dotted.key -> value`` settings on ``base`` (default: defaults) and validate."""
+    """Apply flat ``dotted.key -> value`` settings on ``base`` (default: defaults, plus the chosen
+    agent's :data:`AGENT_DEFAULTS`) and validate."""
     keys = schema()
     nested: dict[str, Any] = (base or Config()).to_dict()
+    if base is None and "agent" in values:
+        agent_defaults = AGENT_DEFAULTS.get(str(values["agent"]), {})
+        values = {**agent_defaults, **values}
     for key, raw in values.items():
         if key not in keys:
             raise ConfigError(f"unknown key {key!r}{suggest(key, keys)}")
@@ -390,6 +434,21 @@ def validate(cfg: Config, check_env: bool = True) -> None:
                                     ("video.every", cfg.video.every, 0), ("seed_parallel", cfg.seed_parallel, "vmap")):
             if (key != "seed_parallel" and value != allowed) or (key == "seed_parallel" and value == allowed):
                 raise ConfigError(f"{key}={value!r}: not supported by agent=stream_ac (see docs/streaming.md)")
+    if cfg.agent == "drqv2" and not cfg.pixels:
+        raise ConfigError("pixels=false: agent=drqv2 learns from pixels; set pixels=true (its default)")
+    if cfg.pixels and cfg.agent != "drqv2":
+        raise ConfigError(f"pixels=true: only agent=drqv2 learns from pixels, not agent={cfg.agent}")
+    if cfg.pixels and cfg.obs_norm:
+        raise ConfigError("obs_norm=true: observation normalisation does not apply to pixels; set obs_norm=false")
+    if cfg.pixels and cfg.env.startswith("gym:"):
+        raise ConfigError(f"env={cfg.env!r}: pixels=true needs a DMC task (domain-task)")
+    if cfg.n_step > 1 and not cfg.pixels:
+        raise ConfigError(f"n_step={cfg.n_step}: n-step returns are implemented in the frame replay only (pixels=true)")
+    if cfg.drqv2.std_end > cfg.drqv2.std_start:
+        raise ConfigError(f"drqv2.std_end={cfg.drqv2.std_end}: must not exceed drqv2.std_start={cfg.drqv2.std_start}")
+    if cfg.pixels and cfg.render.size < 2 * cfg.encoder.layers + 3:
+        raise ConfigError(f"render.size={cfg.render.size}: too small for encoder.layers={cfg.encoder.layers} "
+                          f"3x3 convolutions")
     if check_env:
         from sparserl import envs
 

@@ -21,7 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from sparserl import agents, checkpoint, config, diagnostics, envs, networks, probe, runs, sparsity
+from sparserl import (
+    agents,
+    checkpoint,
+    config,
+    diagnostics,
+    envs,
+    networks,
+    probe,
+    replay,
+    runs,
+    sparsity,
+)
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import ConfigError
 
@@ -39,11 +50,18 @@ def load_run(run_dir: Path):
     if loaded is None:
         raise ConfigError(f"{str(run_dir)!r}: has no usable checkpoint yet")
     arrays, meta = loaded
-    obs_dim, action_dim = arrays["buffer/obs"].shape[1], arrays["buffer/action"].shape[1]
+    action_dim = arrays["buffer/action"].shape[1]
+    obs_dim = 1 if cfg.pixels else arrays["buffer/obs"].shape[1]  # pixels: the normaliser is unused
     agent = agents.get(cfg.agent)
     state = checkpoint.unflatten_like(agent.init(cfg, obs_dim, action_dim), arrays, "state")
     if "probe/obs" in arrays:
         batch = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
+    elif cfg.pixels:  # rebuild the frame replay to draw the probe set from it
+        size = cfg.render.size
+        buffer = replay.FrameReplay(min(cfg.buffer_size, cfg.agent_steps), (size, size, 3), cfg.frame_stack,
+                                    action_dim, cfg.n_step, cfg.gamma)
+        buffer.restore({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}, meta)
+        batch = probe.draw_probe_set(buffer, cfg.diag_probe_size, cfg.seed)
     else:
         stored = Batch(*(arrays[f"buffer/{k}"] for k in Batch._fields))
         batch = probe.draw_probe_set(stored, cfg.diag_probe_size, cfg.seed)
@@ -84,6 +102,8 @@ def diagnose_run(run_dir: Path, plasticity_steps: int | None = None) -> dict:
     result = {"run_dir": str(run_dir), "env_step": meta["env_step"], **scalars}
     layer_norms = {name: diagnostics.layer_norms(module.params) for name, module in agents.modules(state).items()}
     if plasticity_steps:
+        if cfg.pixels:
+            raise ConfigError(f"{str(run_dir)!r}: --plasticity is not implemented for pixel runs (agent=drqv2)")
         result["critic_plasticity_loss"] = critic_plasticity(cfg, state, batch, stats, plasticity_steps)
         result["plasticity_steps"] = plasticity_steps
     out = run_dir / "diagnose"

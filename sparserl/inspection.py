@@ -20,9 +20,13 @@ def _layer_row(layer: dict) -> dict:
 
 def _update_inputs(cfg: Config, obs_dim: int, action_dim: int):
     b, spec = cfg.batch_size, jax.ShapeDtypeStruct
-    batches = Batch(spec((1, b, obs_dim), jnp.float32), spec((1, b, action_dim), jnp.float32),
-                    spec((1, b), jnp.float32), spec((1, b), jnp.float32), spec((1, b, obs_dim), jnp.float32))
-    return batches, ObsStats(spec((obs_dim,), jnp.float32), spec((obs_dim,), jnp.float32))
+    if cfg.pixels:  # uint8 frame stacks
+        shape, dtype, stats_dim = (cfg.render.size, cfg.render.size, 3 * cfg.frame_stack), jnp.uint8, 1
+    else:
+        shape, dtype, stats_dim = (obs_dim,), jnp.float32, obs_dim
+    batches = Batch(spec((1, b, *shape), dtype), spec((1, b, action_dim), jnp.float32),
+                    spec((1, b), jnp.float32), spec((1, b), jnp.float32), spec((1, b, *shape), dtype))
+    return batches, ObsStats(spec((stats_dim,), jnp.float32), spec((stats_dim,), jnp.float32))
 
 
 def _flops(cost) -> float:
@@ -48,7 +52,7 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
     nothing is allocated or drawn, so it is cheap for any model size (``sweep --dry-run``)."""
     from sparserl import sparsity
 
-    env = envs.make(cfg.env, 0, cfg.action_repeat)
+    env = envs.make_for(cfg, 0)
     agent = agents.get(cfg.agent)
     with sparsity.counting_draws() as draws:
         state = jax.eval_shape(lambda: agent.init(cfg, env.obs_dim, env.action_dim))
@@ -65,7 +69,7 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
 def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
     from sparserl.train import model_stats
 
-    env = envs.make(cfg.env, 0, cfg.action_repeat)
+    env = envs.make_for(cfg, 0)
     state = agents.get(cfg.agent).init(cfg, env.obs_dim, env.action_dim)
     report: dict[str, Any] = {"agent": cfg.agent, "env": cfg.env, "obs_dim": env.obs_dim,
                               "action_dim": env.action_dim}
@@ -82,7 +86,7 @@ def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['agent']} on {report['env']} (obs {report['obs_dim']}, action {report['action_dim']})"]
-    for name in ("actor", "critic"):
+    for name in [n for n in ("encoder", "actor", "critic") if n in report]:
         m = report[name]
         lines.append("")
         lines.append(f"{name}: {m['total_params']:,} params, {m['nonzero_params']:,} non-zero "

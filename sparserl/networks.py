@@ -10,6 +10,8 @@ Kernels are stored as (in, out), so ``x @ kernel``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -114,3 +116,128 @@ def critic(params: dict, obs: jax.Array, action: jax.Array) -> jax.Array:
 
 def num_params(params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel encoder (DrQ-v2): 3x3 convolutions, NHWC, kernels HWIO; first stride 2, then stride 1, VALID.
+#
+# XLA's CPU convolution is fast forward and for the input gradient, but its kernel gradient (a
+# correlation over batch x positions with a tiny 3x3 output) runs ~5-10x off the FLOP-limited time
+# and dominates the encoder's backward. ``conv2d`` keeps XLA's convolution for the forward pass and
+# the input gradient and computes the kernel gradient as im2col + matmul over small chunks of the
+# batch inside a ``lax.scan`` (each chunk's patch matrix stays in cache): ``dK = sum_chunks P^T dY``.
+# ``conv2d_reference`` is plain ``lax.conv_general_dilated`` (autodiff gradients); tests check that
+# both agree, forward and gradients, within float tolerance.
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def init_conv(key, in_channels: int, out_channels: int, size: int = 3) -> dict:
+    fan_in = size * size * in_channels
+    kernel = jax.nn.initializers.orthogonal(jnp.sqrt(2.0))(key, (fan_in, out_channels), jnp.float32)
+    return {"kernel": kernel.reshape(size, size, in_channels, out_channels),
+            "bias": jnp.zeros((out_channels,), jnp.float32)}
+
+
+def _lax_conv(x, kernel, stride: int):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=_DIMS)
+
+
+def conv2d_reference(p: dict, x: jax.Array, stride: int) -> jax.Array:
+    return _lax_conv(x, p["kernel"], stride) + p["bias"]
+
+
+def im2col(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """Patches (..., ho, wo, kh*kw*cin) in HWI order (matching an HWIO kernel reshaped to 2-D)."""
+    h, w = x.shape[-3], x.shape[-2]
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    cols = [x[..., dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride, :]
+            for dy in range(kh) for dx in range(kw)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def conv2d_im2col(p: dict, x: jax.Array, stride: int) -> jax.Array:
+    """The convolution as one im2col matmul (autodiff gradients); a benchmark variant."""
+    kh, kw, cin, cout = p["kernel"].shape
+    return im2col(x, kh, kw, stride) @ p["kernel"].reshape(kh * kw * cin, cout) + p["bias"]
+
+
+def _chunk(batch: int, target: int = 2) -> int:
+    return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
+
+
+def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: int) -> jax.Array:
+    """``dL/dK`` of a VALID NHWC convolution: im2col + matmul, chunked over the batch."""
+    kh, kw, cin, cout = kernel_shape
+    n = x.shape[0]
+    c = _chunk(n)
+    xs = x.reshape(n // c, c, *x.shape[1:])
+    ds = dy.reshape(n // c, c, *dy.shape[1:])
+
+    def body(acc, xd):
+        xi, di = xd
+        patches = im2col(xi, kh, kw, stride).reshape(-1, kh * kw * cin)
+        return acc + patches.T @ di.reshape(-1, cout), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((kh * kw * cin, cout), dy.dtype), (xs, ds))
+    return acc.reshape(kernel_shape)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, kernel, stride: int):
+    return _lax_conv(x, kernel, stride)
+
+
+def _conv_fwd(x, kernel, stride):
+    return _lax_conv(x, kernel, stride), (x, kernel)
+
+
+def _conv_bwd(stride, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), x)[1](dy)[0]  # XLA's input gradient is fast
+    return dx, kernel_grad(x, dy, kernel.shape, stride)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(p: dict, x: jax.Array, stride: int) -> jax.Array:
+    """A VALID NHWC convolution with :func:`kernel_grad` for the kernel's gradient."""
+    if x.ndim != 4:  # unbatched or extra leading axes: flatten them into one batch axis
+        lead = x.shape[:-3]
+        out = conv2d(p, x.reshape(-1, *x.shape[-3:]), stride)
+        return out.reshape(*lead, *out.shape[1:])
+    return _conv(x, p["kernel"], stride) + p["bias"]
+
+
+def conv_out_size(size: int, layers: int) -> int:
+    size = (size - 3) // 2 + 1
+    return size - 2 * (layers - 1)
+
+
+def init_conv_encoder(key, in_channels: int, channels: int, layers: int) -> dict:
+    keys = jax.random.split(key, layers)
+    return {f"conv{i}": init_conv(keys[i], in_channels if i == 0 else channels, channels) for i in range(layers)}
+
+
+def conv_encoder(params: dict, obs: jax.Array, capture: dict | None = None, conv=None) -> jax.Array:
+    """uint8 frames (..., H, W, C) -> flat features: ``x/255 - 0.5``, then conv+ReLU layers."""
+    conv = conv or conv2d
+    h = obs.astype(jnp.float32) / 255.0 - 0.5
+    i = 0
+    while f"conv{i}" in params:
+        pre = conv(params[f"conv{i}"], h, 2 if i == 0 else 1)
+        h = jax.nn.relu(pre)
+        if capture is not None:
+            capture[f"pre_act/conv{i}"], capture[f"post_act/conv{i}"] = pre, h
+        i += 1
+    return h.reshape(*h.shape[:-3], -1)
+
+
+def init_trunk(key, in_dim: int, feature_dim: int) -> dict:
+    return {"dense": init_dense(key, in_dim, feature_dim), "norm": init_layer_norm(feature_dim)}
+
+
+def trunk(p: dict, x: jax.Array) -> jax.Array:
+    """DrQ-v2's trunk: Linear + LayerNorm + tanh."""
+    return jnp.tanh(layer_norm(p["norm"], dense(p["dense"], x)))

@@ -42,11 +42,22 @@ def _feature_metrics(prefix: str, enc_params, x) -> dict:
 @partial(jax.jit, static_argnames=("cfg", "grad_samples"))
 def _measure(state, batch: Batch, stats: ObsStats, key, cfg: Config, grad_samples: int):
     agent = agents.get(cfg.agent)
-    obs = common.normalize(batch.obs, stats)
-    critic_in = jnp.concatenate([obs, batch.action], -1)
     scalars = {}
-    scalars.update(_feature_metrics("actor", state.actor.params["encoder"], obs))
-    scalars.update(_feature_metrics("critic", state.critic.params["q0"]["encoder"], critic_in))
+    if hasattr(agent, "diagnostic_features"):  # pixels: features after the conv encoder and trunks
+        inputs = agent.diagnostic_features(state, batch)
+        capture, trunk_out = inputs.pop("encoder")
+        post = [v for k, v in capture.items() if k.startswith("post_act/")]  # a unit is a channel
+        pre = [v for k, v in capture.items() if k.startswith("pre_act/")]
+        scalars["encoder_srank_trunk"] = diagnostics.srank_jax(trunk_out)
+        for tau in TAUS:
+            scalars[f"encoder_dormant_post_act_tau{tau:g}"] = diagnostics.dormant_ratio_jax(post, tau)
+            scalars[f"encoder_dormant_pre_act_tau{tau:g}"] = diagnostics.dormant_ratio_jax(pre, tau)
+    else:
+        obs = common.normalize(batch.obs, stats)
+        inputs = {"actor": (state.actor.params["encoder"], obs),
+                  "critic": (state.critic.params["q0"]["encoder"], jnp.concatenate([obs, batch.action], -1))}
+    for prefix, (enc_params, x) in inputs.items():
+        scalars.update(_feature_metrics(prefix, enc_params, x))
     for name, module in agents.modules(state).items():
         scalars[f"{name}_param_norm"] = common.global_norm(module.params)
 
@@ -58,13 +69,20 @@ def _measure(state, batch: Batch, stats: ObsStats, key, cfg: Config, grad_sample
     return scalars, cosines
 
 
-def draw_probe_set(transitions: Batch, size: int, seed: int) -> Batch:
-    """The fixed probe set: ``size`` distinct stored transitions, drawn from the diagnostics' own RNG
-    stream so that diagnostics never change what training samples."""
+def draw_probe_set(transitions, size: int, seed: int) -> Batch:
+    """The fixed probe set: ``size`` distinct stored transitions (from a :class:`Batch` of them or a
+    replay buffer), drawn from the diagnostics' own RNG stream so that diagnostics never change what
+    training samples."""
     rng = np.random.default_rng(envs.derive_seed(seed, 4))
-    n = transitions.obs.shape[0]
-    idx = rng.choice(n, size=min(size, n), replace=False)
-    return Batch(*(np.asarray(x)[idx] for x in transitions))
+    if isinstance(transitions, Batch):
+        n = transitions.obs.shape[0]
+        idx = rng.choice(n, size=min(size, n), replace=False)
+        return Batch(*(np.asarray(x)[idx] for x in transitions))
+    if hasattr(transitions, "valid_starts"):  # frame replay: transitions are named by their first frame
+        starts = transitions.valid_starts()
+        return transitions.gather(starts[rng.choice(len(starts), size=min(size, len(starts)), replace=False)])
+    n = transitions.size
+    return transitions.gather(rng.choice(n, size=min(size, n), replace=False))
 
 
 def measure(state, batch: Batch, stats: ObsStats, key, cfg: Config,

@@ -42,7 +42,7 @@ from sparserl import agents, checkpoint, envs, loggers, probe, runs, sparsity
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
-from sparserl.replay import ReplayBuffer
+from sparserl.replay import FrameReplay, ReplayBuffer, check_fits
 
 BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
                 "eval_episodes")
@@ -59,7 +59,8 @@ class NumericalFault(RuntimeError):
 
 
 def metric_columns(cfg: Config) -> tuple[str, ...]:
-    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + NORM_COLUMNS + TAIL_COLUMNS
+    norms = (("encoder_param_norm",) if cfg.pixels else ()) + NORM_COLUMNS
+    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + norms + TAIL_COLUMNS
 
 
 def model_stats(state) -> dict[str, Any]:
@@ -166,7 +167,7 @@ class Seed:
     run_dir: Path
     env: envs.Env
     eval_env: envs.Env
-    buffer: ReplayBuffer
+    buffer: ReplayBuffer | FrameReplay
     normalizer: envs.RunningMeanStd
     sample_rng: np.random.Generator
     action_rng: np.random.Generator
@@ -191,15 +192,38 @@ def reset_state(cfg: Config, state, count: int, obs_dim: int, action_dim: int):
     init_cfg = dataclasses.replace(cfg, seed=envs.derive_seed(cfg.seed, 1000 + count) % 2**31,
                                    sparsity=dataclasses.replace(cfg.sparsity, seed=cfg.mask_seed))
     fresh = agents.get(cfg.agent).init(init_cfg, obs_dim, action_dim)
-    return state._replace(actor=fresh.actor, critic=fresh.critic, target=fresh.target)
+    fields = [f for f in ("encoder", "actor", "critic", "target") if f in state._fields]
+    return state._replace(**{f: getattr(fresh, f) for f in fields})
+
+
+def make_buffer(cfg: Config, env: envs.Env) -> ReplayBuffer | FrameReplay:
+    capacity = min(cfg.buffer_size, cfg.agent_steps)
+    if cfg.pixels:
+        size = cfg.render.size
+        return FrameReplay(capacity, (size, size, 3), cfg.frame_stack, env.action_dim, cfg.n_step, cfg.gamma)
+    return ReplayBuffer(capacity, env.obs_dim, env.action_dim)
+
+
+def check_memory(cfg: Config, num_seeds: int, action_dim: int, log: Callable[[str], None]) -> None:
+    """Pixels: print the frame replay's memory and refuse (ConfigError) a buffer that cannot fit."""
+    if not cfg.pixels:
+        return
+    size = cfg.render.size
+    per = FrameReplay.bytes_per_transition((size, size, 3), action_dim)
+    need = num_seeds * (min(cfg.buffer_size, cfg.agent_steps) + cfg.frame_stack) * per
+    available = check_fits(need, f"frame replay ({num_seeds} x {min(cfg.buffer_size, cfg.agent_steps):,} transitions)")
+    avail = "unknown" if available is None else f"{available / 1e9:.1f} GB"
+    log(f"pixels: MUJOCO_GL={envs.gl_backend()}, render.fast={str(cfg.render.fast).lower()}; frame replay "
+        f"{per * 1e6 / 1e9:.1f} GB per million transitions (uint8 {size}x{size}x3 frames stored once); "
+        f"this run: {need / 1e9:.2f} GB, memory available: {avail}")
 
 
 def _make_seed(cfg: Config) -> Seed:
-    env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
-    eval_env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 1), cfg.action_repeat)
-    return Seed(cfg, cfg.resolved_run_dir, env, eval_env,
-                ReplayBuffer(min(cfg.buffer_size, cfg.agent_steps), env.obs_dim, env.action_dim),
-                envs.RunningMeanStd(env.obs_dim), np.random.default_rng(envs.derive_seed(cfg.seed, 2)),
+    env = envs.make_for(cfg, envs.derive_seed(cfg.seed, 0))
+    eval_env = envs.make_for(cfg, envs.derive_seed(cfg.seed, 1))
+    return Seed(cfg, cfg.resolved_run_dir, env, eval_env, make_buffer(cfg, env),
+                envs.RunningMeanStd(1 if cfg.pixels else env.obs_dim),
+                np.random.default_rng(envs.derive_seed(cfg.seed, 2)),
                 np.random.default_rng(envs.derive_seed(cfg.seed, 3)))
 
 
@@ -210,18 +234,16 @@ def _make_seed(cfg: Config) -> Seed:
 def _save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
     arrays = checkpoint.flatten_tree(state, "state")
     arrays.update(checkpoint.flatten_tree(sums, "metric_sums"))
-    n = s.buffer.size
-    for name in ("obs", "action", "reward", "discount", "next_obs"):
-        arrays[f"buffer/{name}"] = getattr(s.buffer, name)[:n]
+    arrays.update({f"buffer/{k}": v for k, v in s.buffer.checkpoint_arrays().items()})
     arrays["normalizer/mean"], arrays["normalizer/var"] = s.normalizer.mean, s.normalizer.var
     if s.probe is not None:
         arrays.update({f"probe/{k}": np.asarray(v) for k, v in s.probe._asdict().items()})
     meta = {
-        "agent_step": agent_step, "env_step": agent_step * s.cfg.action_repeat, "buffer_size": n,
-        "buffer_cursor": s.buffer.cursor, "normalizer_count": s.normalizer.count,
+        "agent_step": agent_step, "env_step": agent_step * s.cfg.action_repeat, **s.buffer.checkpoint_meta(),
+        "normalizer_count": s.normalizer.count,
         "sample_rng": s.sample_rng.bit_generator.state, "action_rng": s.action_rng.bit_generator.state,
         "env_rng": s.env.rng_state(), "eval_env_rng": s.eval_env.rng_state(), "needs_reset": s.needs_reset,
-        "obs": None if s.obs is None else s.obs.tolist(), "episode_return": s.episode_return,
+        "obs": None if s.obs is None or s.cfg.pixels else s.obs.tolist(), "episode_return": s.episode_return,
         "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows, "diag_rows": s.diag_rows,
         "final_eval_returns": None if s.summary_eval is None else s.summary_eval.tolist(), **extra,
     }
@@ -231,10 +253,7 @@ def _save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
 def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_template):
     state = checkpoint.unflatten_like(state_template, arrays, "state")
     sums = checkpoint.unflatten_like(sums_template, arrays, "metric_sums")
-    n = meta["buffer_size"]
-    for name in ("obs", "action", "reward", "discount", "next_obs"):
-        getattr(s.buffer, name)[:n] = arrays[f"buffer/{name}"]
-    s.buffer.size, s.buffer.cursor = n, meta["buffer_cursor"]
+    s.buffer.restore({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}, meta)
     s.normalizer.mean, s.normalizer.var = arrays["normalizer/mean"], arrays["normalizer/var"]
     s.normalizer.count = meta["normalizer_count"]
     s.sample_rng.bit_generator.state = meta["sample_rng"]
@@ -348,6 +367,7 @@ class SeedGroup:
         keys = [jax.random.fold_in(jax.random.PRNGKey(c.seed), 0xAC7) for c in seed_cfgs]
         sums = [fresh_sums(self.agent) for _ in states]
         norms = lambda st: {f"{n}_param_norm": common.global_norm(m.params) for n, m in agents.modules(st).items()}
+        self.pass_step = getattr(agent, "SCHEDULED_EXPLORATION", False)
         self.norms_fn = jax.jit(jax.vmap(norms) if vmapped else norms)
         policy = self.single_policy = jax.jit(self._policy, static_argnums=5)
         learn = jax.jit(self._learn, donate_argnums=(0, 1))
@@ -361,7 +381,10 @@ class SeedGroup:
 
     def _policy(self, actor_params, obs, obs_stats, act_key, step, deterministic):
         key = jax.random.fold_in(act_key, step)
-        return self.agent.act(actor_params, normalize(obs, obs_stats)[None], key, deterministic, self.cfg)[0]
+        if self.cfg.pixels:  # uint8 frames, scaled inside the encoder
+            return self.agent.act(actor_params, obs[None], key, deterministic, self.cfg, step=step)[0]
+        extra = {"step": step} if self.pass_step else {}
+        return self.agent.act(actor_params, normalize(obs, obs_stats)[None], key, deterministic, self.cfg, **extra)[0]
 
     def _learn(self, state, sums, batches, obs_stats, first_step):
         state, metrics = self.agent.update(state, batches, obs_stats, self.cfg)
@@ -369,8 +392,9 @@ class SeedGroup:
 
     def act(self, obs: np.ndarray, stats: list[ObsStats], step: int, deterministic: bool) -> np.ndarray:
         if self.vmapped:
-            return np.asarray(self.policy(self.states.actor.params, obs, _stack(stats), self.keys, step, deterministic))
-        actions = [self.policy(st.actor.params, o, ss, k, step, deterministic)
+            return np.asarray(self.policy(agents.policy_params(self.states), obs, _stack(stats), self.keys, step,
+                                          deterministic))
+        actions = [self.policy(agents.policy_params(st), o, ss, k, step, deterministic)
                    for st, o, ss, k in zip(self.states, obs, stats, self.keys)]
         return np.stack([np.asarray(a) for a in actions])
 
@@ -417,7 +441,7 @@ class SeedGroup:
             self.states[i] = new_state
 
     def actor_params(self, i: int):
-        return _take(self.states.actor.params, i) if self.vmapped else self.states[i].actor.params
+        return agents.policy_params(self.state(i))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +473,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     cfg0 = seed_cfgs[0]  # static config of the jitted functions (only the seed differs between seeds)
     agent = agents.get(cfg.agent)
     seeds = [_make_seed(c) for c in seed_cfgs]
+    check_memory(cfg, len(seeds), seeds[0].env.action_dim, log)
     obs_dim, action_dim = seeds[0].env.obs_dim, seeds[0].env.action_dim
     single_states = [agent.init(c, obs_dim, action_dim) for c in seed_cfgs]
     stats = [model_stats(st) for st in single_states]
@@ -501,7 +526,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         for i, s in enumerate(seeds):
             try:  # the evaluation row is already written: a rendering failure only costs the video
                 if i not in video_envs:
-                    video_envs[i] = envs.make(cfg.env, envs.derive_seed(s.cfg.seed, 6), cfg.action_repeat, render=True)
+                    video_envs[i] = envs.make_for(cfg, envs.derive_seed(s.cfg.seed, 6), render=True)
                 stats_i = s.obs_stats()
                 frames = loggers.record_episode(video_envs[i], lambda o: group.act_one(i, o, stats_i, True),
                                                 cfg.video.size)
@@ -542,10 +567,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     def run_diagnostics(env_step: int) -> None:
         for i, s in enumerate(seeds):
             if s.probe is None:
-                n = s.buffer.size
-                stored = Batch(s.buffer.obs[:n], s.buffer.action[:n], s.buffer.reward[:n], s.buffer.discount[:n],
-                               s.buffer.next_obs[:n])
-                s.probe = probe.draw_probe_set(stored, cfg.diag_probe_size, s.cfg.seed)
+                s.probe = probe.draw_probe_set(s.buffer, cfg.diag_probe_size, s.cfg.seed)
             key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
             scalars, cosines = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
             for module, matrix in cosines.items():  # the latest matrices, for the report's heatmaps
@@ -585,7 +607,8 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             t = timers.add("act", t)
             for s, action in zip(seeds, actions):
                 next_obs, reward, terminated, truncated = s.env.step(action)
-                s.buffer.add(s.obs, action, reward, 0.0 if terminated else 1.0, next_obs)
+                s.buffer.add(s.obs, action, reward, 0.0 if terminated else 1.0, next_obs,
+                             episode_end=terminated or truncated)
                 s.episode_return += reward
                 if terminated or truncated:
                     s.row_returns.append(s.episode_return)

@@ -1,13 +1,14 @@
 """Agents: each module exposes ``METRICS``, ``init(cfg, obs_dim, action_dim)``,
-``act(actor_params, obs, key, deterministic, cfg)`` and ``update(state, batches, obs_stats, cfg)`` (K
+``act(policy_params, obs, key, deterministic, cfg)`` and ``update(state, batches, obs_stats, cfg)`` (K
 gradient steps in one ``lax.scan``); ``stream_ac`` (streaming, no batches) has ``step`` and ``begin``
-instead of ``update`` (see :mod:`sparserl.stream`). Their states hold ``actor`` and ``critic`` :class:`Module` s."""
+instead of ``update`` (see :mod:`sparserl.stream`). Their states hold ``actor`` and ``critic`` :class:`Module` s
+(and ``encoder`` for the pixel agent ``drqv2``, whose ``act`` also takes the agent ``step``)."""
 
 from types import ModuleType
 
-from sparserl.agents import ddpg, sac, stream_ac
+from sparserl.agents import ddpg, drqv2, sac, stream_ac
 
-AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg}  # replay agents: batched ``update``
+AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg, "drqv2": drqv2}  # replay agents: batched ``update``
 STREAMING: dict[str, ModuleType] = {"stream_ac": stream_ac}  # one transition per ``step``
 
 
@@ -17,4 +18,13 @@ def get(name: str) -> ModuleType:
 
 def modules(state) -> dict:
     """The sparse modules of an agent state, by name: ``{name: Module}``."""
-    return {"actor": state.actor, "critic": state.critic}
+    out = {"encoder": state.encoder} if hasattr(state, "encoder") else {}
+    out.update(actor=state.actor, critic=state.critic)
+    return out
+
+
+def policy_params(state):
+    """The parameters ``act`` needs: the actor's, or for drqv2 its encoder's and actor's."""
+    if hasattr(state, "encoder"):
+        return drqv2.policy_params(state)
+    return state.actor.params

@@ -1,0 +1,217 @@
+"""DrQ-v2 from pixels with statically sparse networks (PAPER.md §6; Yarats et al. 2021).
+
+Three sparse modules, each with its own mask and Adam state:
+
+* ``encoder``: 4 conv layers x 32 channels (3x3, strides 2,1,1,1, ReLU) on ``frames/255 - 0.5``
+  (:func:`sparserl.networks.conv_encoder`); trained by the critic loss only.
+* ``actor``: its trunk ``Linear(50) + LayerNorm + tanh`` on the (stop-gradient) encoder features,
+  an MLP or SimBa encoder of width ``actor.width``, and a ``tanh(Dense)`` mean. Exploration noise
+  has a scheduled std (``drqv2.std_start -> std_end`` over ``drqv2.std_steps`` env steps).
+* ``critic``: its own trunk and two Q networks (double Q; the target is their minimum); the
+  ``H -> 1`` heads stay dense. The target critic (trunk and Qs) is a Polyak copy (tau 0.01);
+  the encoder has no target copy: next observations go through the online encoder.
+
+One gradient step: random-shift augmentation (replicate-pad ``drqv2.aug_pad``, random crop back)
+of ``obs`` and ``next_obs``; the critic and encoder step on the n-step TD loss (the buffer gives the
+n-step ``reward`` and the bootstrap factor ``discount = gamma^n`` or 0); then the actor steps on
+``-min(Q1, Q2)`` at its clipped-noise action, with features from the encoder *before* its step
+(as DrQ-v2 does); then the target moves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sparserl import networks
+from sparserl.agents import common
+from sparserl.agents.common import Batch, Module, ObsStats
+from sparserl.config import Config
+
+METRICS = ("critic_loss", "actor_loss", "q_mean", "std", "encoder_grad_norm", "actor_grad_norm",
+           "critic_grad_norm")
+SCHEDULED_EXPLORATION = True  # act() takes the agent step (the exploration std decays)
+MODULES = ("encoder", "actor", "critic")
+
+
+class DrQv2State(NamedTuple):
+    encoder: Module
+    actor: Module
+    critic: Module
+    target: Any  # target critic parameters (trunk and Qs)
+    key: jax.Array
+    step: jax.Array  # gradient steps taken (drives the std schedule inside the update)
+
+
+def obs_shape(cfg: Config) -> tuple[int, int, int]:
+    return (cfg.render.size, cfg.render.size, 3 * cfg.frame_stack)
+
+
+def repr_dim(cfg: Config) -> int:
+    return networks.conv_out_size(cfg.render.size, cfg.encoder.layers) ** 2 * cfg.encoder.channels
+
+
+def init_actor_params(key, action_dim: int, cfg: Config) -> dict:
+    k_trunk, k_enc, k_head = jax.random.split(key, 3)
+    f = cfg.encoder.feature_dim
+    return {"trunk": networks.init_trunk(k_trunk, repr_dim(cfg), f),
+            "encoder": networks.init_encoder(k_enc, f, cfg.actor.width, cfg.actor.blocks, cfg.arch),
+            "mean": networks.init_dense(k_head, cfg.actor.width, action_dim)}
+
+
+def init_critic_params(key, action_dim: int, cfg: Config) -> dict:
+    k_trunk, k_q = jax.random.split(key)
+    f = cfg.encoder.feature_dim
+    params = {"trunk": networks.init_trunk(k_trunk, repr_dim(cfg), f)}
+    qs = networks.init_critic(k_q, f, action_dim, cfg.critic.width, cfg.critic.blocks, cfg.arch, num_q=2)
+    params.update(qs)
+    return params
+
+
+def init(cfg: Config, obs_dim: int, action_dim: int) -> DrQv2State:
+    del obs_dim  # the frame shape comes from the config
+    k_enc, k_actor, k_critic, k_update = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
+    enc = networks.init_conv_encoder(k_enc, obs_shape(cfg)[-1], cfg.encoder.channels, cfg.encoder.layers)
+    encoder = common.init_module(cfg, "encoder", enc, cfg.encoder.sparsity)
+    actor = common.init_module(cfg, "actor", init_actor_params(k_actor, action_dim, cfg), cfg.actor.sparsity)
+    critic_params = init_critic_params(k_critic, action_dim, cfg)
+    critic = common.init_module(cfg, "critic", critic_params, cfg.critic.sparsity, ("q0/head", "q1/head"))
+    return DrQv2State(encoder, actor, critic, common.copy_tree(critic.params), k_update, jnp.zeros((), jnp.int32))
+
+
+def policy_params(state: DrQv2State) -> dict:
+    """What :func:`act` needs: the encoder's and the actor's parameters."""
+    return {"encoder": state.encoder.params, "actor": state.actor.params}
+
+
+def schedule_std(cfg: Config, env_step) -> jax.Array:
+    d = cfg.drqv2
+    frac = jnp.clip(jnp.asarray(env_step, jnp.float32) / d.std_steps, 0.0, 1.0)
+    return d.std_start + frac * (d.std_end - d.std_start)
+
+
+def mean_action(actor_params, features) -> jax.Array:
+    h = networks.encoder(actor_params["encoder"], networks.trunk(actor_params["trunk"], features))
+    return jnp.tanh(networks.dense(actor_params["mean"], h))
+
+
+def q_values(critic_params, features, action) -> jax.Array:
+    """Both Q-values, shape (2, batch)."""
+    h = networks.trunk(critic_params["trunk"], features)
+    qs = {k: v for k, v in critic_params.items() if k != "trunk"}
+    return networks.critic(qs, h, action)
+
+
+def _noisy(mu, std, key, clip: float | None) -> jax.Array:
+    noise = std * jax.random.normal(key, mu.shape)
+    if clip is not None:
+        noise = jnp.clip(noise, -clip, clip)
+    return jnp.clip(mu + noise, -1.0, 1.0)
+
+
+def act(params, obs: jax.Array, key: jax.Array, deterministic: bool, cfg: Config, step=0) -> jax.Array:
+    """Action for uint8 frames ``obs`` (batch, H, W, C); ``step`` is the agent step (std schedule)."""
+    mu = mean_action(params["actor"], networks.conv_encoder(params["encoder"], obs))
+    if deterministic:
+        return mu
+    return _noisy(mu, schedule_std(cfg, step * cfg.action_repeat), key, None)
+
+
+def random_shift(obs: jax.Array, key: jax.Array, pad: int) -> jax.Array:
+    """DrQ's augmentation: replicate-pad each image by ``pad`` and crop back at a random offset
+    (independent per sample, integer pixels)."""
+    if pad == 0:
+        return obs
+    n, h, w, c = obs.shape
+    padded = jnp.pad(obs, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def _train_std(state: DrQv2State, cfg: Config) -> jax.Array:
+    agent_step = cfg.warmup_steps + state.step // cfg.utd
+    return schedule_std(cfg, agent_step * cfg.action_repeat)
+
+
+def critic_loss_fn(enc_params, critic_params, obs, action, target_q):
+    features = networks.conv_encoder(enc_params, obs)
+    qs = q_values(critic_params, features, action)
+    return jnp.square(qs - target_q[None]).mean(1).sum(), (qs.mean(), features)
+
+
+def td_targets(state: DrQv2State, next_features, reward, discount, std, key, cfg: Config) -> jax.Array:
+    next_action = _noisy(mean_action(state.actor.params, next_features), std, key, cfg.drqv2.std_clip)
+    next_q = q_values(state.target, next_features, next_action).min(0)
+    return jax.lax.stop_gradient(reward + discount * next_q)
+
+
+def actor_losses(actor_params, critic_params, features, std, key, cfg: Config) -> jax.Array:
+    action = _noisy(mean_action(actor_params, features), std, key, cfg.drqv2.std_clip)
+    return -q_values(critic_params, features, action).min(0)
+
+
+def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
+    del stats  # pixels are scaled inside the encoder, never normalised by running statistics
+    key, k_aug, k_aug_next, k_target, k_actor = jax.random.split(state.key, 5)
+    pad = cfg.drqv2.aug_pad
+    obs, next_obs = random_shift(batch.obs, k_aug, pad), random_shift(batch.next_obs, k_aug_next, pad)
+    std = _train_std(state, cfg)
+
+    next_features = jax.lax.stop_gradient(networks.conv_encoder(state.encoder.params, next_obs))
+    target_q = td_targets(state, next_features, batch.reward, batch.discount, std, k_target, cfg)
+    (critic_loss, (q_mean, features)), (enc_grads, critic_grads) = jax.value_and_grad(
+        critic_loss_fn, argnums=(0, 1), has_aux=True)(state.encoder.params, state.critic.params, obs,
+                                                      batch.action, target_q)
+    encoder, encoder_grad_norm = common.step_module(cfg, state.encoder, enc_grads)
+    critic, critic_grad_norm = common.step_module(cfg, state.critic, critic_grads)
+
+    features = jax.lax.stop_gradient(features)
+    actor_loss, actor_grads = jax.value_and_grad(
+        lambda p: actor_losses(p, critic.params, features, std, k_actor, cfg).mean())(state.actor.params)
+    actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
+    target = common.polyak(state.target, critic.params, cfg.tau)
+
+    metrics = {"critic_loss": critic_loss, "actor_loss": actor_loss, "q_mean": q_mean, "std": std,
+               "encoder_grad_norm": encoder_grad_norm, "actor_grad_norm": actor_grad_norm,
+               "critic_grad_norm": critic_grad_norm}
+    return DrQv2State(encoder, actor, critic, target, key, state.step + 1), metrics
+
+
+def update(state: DrQv2State, batches: Batch, stats: ObsStats, cfg: Config):
+    return common.scan_updates(update_step, state, batches, stats, cfg)
+
+
+def diagnostic_features(state: DrQv2State, batch: Batch) -> dict:
+    """``{prefix: (encoder_params, inputs)}`` for the feature diagnostics (srank, dormant units), plus
+    the conv encoder's own captures under ``"encoder"``: ``(capture, trunk_outputs)``."""
+    capture: dict = {}
+    features = networks.conv_encoder(state.encoder.params, batch.obs, capture)
+    actor_in = networks.trunk(state.actor.params["trunk"], features)
+    critic_in = jnp.concatenate([networks.trunk(state.critic.params["trunk"], features), batch.action], -1)
+    return {"actor": (state.actor.params["encoder"], actor_in),
+            "critic": (state.critic.params["q0"]["encoder"], critic_in),
+            "encoder": (capture, actor_in)}
+
+
+def diagnostic_losses(state: DrQv2State, batch: Batch, stats: ObsStats, key, cfg: Config):
+    """Per-example losses for gradient-interference probes (encoder held fixed, no augmentation)."""
+    del stats
+    k_target, k_actor = jax.random.split(key)
+    std = _train_std(state, cfg)
+    features = networks.conv_encoder(state.encoder.params, batch.obs)
+    next_features = networks.conv_encoder(state.encoder.params, batch.next_obs)
+    target_q = td_targets(state, next_features, batch.reward, batch.discount, std, k_target, cfg)
+    keys = jax.random.split(k_actor, features.shape[0])
+    examples = {"features": features, "action": batch.action, "target": target_q, "key": keys}
+
+    def actor_fn(params, ex):
+        return actor_losses(params, state.critic.params, ex["features"][None], std, ex["key"], cfg)[0]
+
+    def critic_fn(params, ex):
+        qs = q_values(params, ex["features"][None], ex["action"][None])
+        return jnp.square(qs - ex["target"][None, None]).mean(1).sum()
+
+    return actor_fn, critic_fn, examples
