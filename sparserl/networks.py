@@ -121,11 +121,11 @@ def num_params(params) -> int:
 # ----------------------------------------------------------------------------------------------
 # Pixel encoder (DrQ-v2): 3x3 convolutions, NHWC, kernels HWIO; first stride 2, then stride 1, VALID.
 #
-# XLA's CPU convolution is fast forward and for the input gradient, but its kernel gradient (a
-# correlation over batch x positions with a tiny 3x3 output) runs ~5-10x off the FLOP-limited time
-# and dominates the encoder's backward. ``conv2d`` keeps XLA's convolution for the forward pass and
-# the input gradient and computes the kernel gradient as im2col + matmul over small chunks of the
-# batch inside a ``lax.scan`` (each chunk's patch matrix stays in cache): ``dK = sum_chunks P^T dY``.
+# XLA's CPU convolution runs these shapes ~10x off the FLOP-limited time (forward, and worst for the
+# kernel gradient: a correlation over batch x positions with a tiny 3x3 output). ``conv2d`` computes
+# all three products as im2col + matmul over small chunks of the batch inside ``lax.map``/``lax.scan``
+# (each chunk's patch matrix stays in cache): the forward ``Y = P K``, the input gradient as the full
+# convolution of ``dY`` with the flipped kernel, and the kernel gradient ``dK = sum_chunks P^T dY``.
 # ``conv2d_reference`` is plain ``lax.conv_general_dilated`` (autodiff gradients); tests check that
 # both agree, forward and gradients, within float tolerance.
 
@@ -183,18 +183,34 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: int) -> jax.A
     return acc.reshape(kernel_shape)
 
 
+def conv_chunked(x: jax.Array, kernel: jax.Array, stride: int, target: int = 4) -> jax.Array:
+    """The convolution as im2col + matmul over chunks of ``target`` images in a ``lax.map``: each
+    chunk's patch matrix stays in cache (one im2col of the whole batch is ~450 MB at batch 256)."""
+    kh, kw, cin, cout = kernel.shape
+    n = x.shape[0]
+    c = _chunk(n, target)
+    k2 = kernel.reshape(kh * kw * cin, cout)
+    out = jax.lax.map(lambda xi: im2col(xi, kh, kw, stride) @ k2, x.reshape(n // c, c, *x.shape[1:]))
+    return out.reshape(n, *out.shape[2:])
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, kernel, stride: int):
-    return _lax_conv(x, kernel, stride)
+    return conv_chunked(x, kernel, stride)
 
 
 def _conv_fwd(x, kernel, stride):
-    return _lax_conv(x, kernel, stride), (x, kernel)
+    return conv_chunked(x, kernel, stride), (x, kernel)
 
 
 def _conv_bwd(stride, residuals, dy):
     x, kernel = residuals
-    dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), x)[1](dy)[0]  # XLA's input gradient is fast
+    kh, kw = kernel.shape[:2]
+    if stride == 1:  # the input gradient is a full convolution of dy with the flipped, transposed kernel
+        padded = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+        dx = conv_chunked(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1)
+    else:  # (the encoder's strided first layer: its input is the image, whose gradient nobody uses)
+        dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), x)[1](dy)[0]
     return dx, kernel_grad(x, dy, kernel.shape, stride)
 
 
@@ -202,7 +218,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv2d(p: dict, x: jax.Array, stride: int) -> jax.Array:
-    """A VALID NHWC convolution with :func:`kernel_grad` for the kernel's gradient."""
+    """A VALID NHWC convolution, forward and gradients by chunked im2col matmuls (see above)."""
     if x.ndim != 4:  # unbatched or extra leading axes: flatten them into one batch axis
         lead = x.shape[:-3]
         out = conv2d(p, x.reshape(-1, *x.shape[-3:]), stride)

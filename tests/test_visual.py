@@ -245,15 +245,17 @@ def test_conv2d_equals_lax_conv_forward_and_gradients(stride, shape):
 
 @pytest.fixture(scope="module")
 def fixed_batch_run():
-    """80 gradient steps of a sparse tiny DrQ-v2 on one fixed batch (one compile, shared by two tests)."""
-    cfg = tiny_drqv2(lr=1e-3, **{"encoder.sparsity": 0.5, "actor.sparsity": 0.8, "critic.sparsity": 0.8})
+    """60 gradient steps of a sparse tiny DrQ-v2 on one fixed batch (one compile, shared by two tests).
+    No augmentation and discount 0: the critic regresses fixed images to fixed rewards."""
+    cfg = tiny_drqv2(lr=1e-3, **{"encoder.sparsity": 0.5, "actor.sparsity": 0.8, "critic.sparsity": 0.8,
+                                 "drqv2.aug_pad": 0})
     state = drqv2.init(cfg, 0, 2)
-    batch = random_batch(cfg, np.random.default_rng(0))
-    batches = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (20, *x.shape)), batch)
+    batch = random_batch(cfg, np.random.default_rng(0))._replace(discount=jnp.zeros((cfg.batch_size,)))
+    batches = jax.tree_util.tree_map(lambda x: x[None], batch)
     update = jax.jit(drqv2.update, static_argnames="cfg")
     stats = ObsStats(jnp.zeros(1), jnp.ones(1))
     history = []
-    for _ in range(4):
+    for _ in range(60):
         state, metrics = update(state, batches, stats, cfg=cfg)
         history.append(jax.device_get(metrics))
     metrics = {k: np.concatenate([h[k] for h in history]) for k in history[0]}
@@ -274,13 +276,13 @@ def test_masks_stay_zero_through_updates(fixed_batch_run):
                     assert np.asarray(x)[np.asarray(m)].any()
                     checked += 1
     assert checked >= 8  # conv kernels, trunks and hidden layers of every module, and the target
-    assert int(state.step) == 80
+    assert int(state.step) == 60
 
 
 def test_critic_loss_decreases_on_a_fixed_batch(fixed_batch_run):
     _, metrics = fixed_batch_run
     losses = metrics["critic_loss"]
-    assert losses[-10:].mean() < 0.3 * losses[:5].mean(), losses
+    assert losses[-5:].mean() < 0.3 * losses[:3].mean(), losses  # measured: 1.53 -> 0.30 in 60 steps
     assert (metrics["encoder_grad_norm"] > 0).all()  # the critic loss trains the encoder
 
 
@@ -326,16 +328,17 @@ def test_train_and_resume_a_pixel_run(tmp_path):
 
 @pytest.mark.slow
 def test_short_pixel_run_learns(tmp_path):
-    """cartpole-balance from 48x48 pixels, 8,000 env steps (500 random agent steps, 3,500 updates at
-    batch 64, widths 128, render.fast): the final deterministic policy (5 episodes) must beat the
-    policy evaluated at the end of the random warm-up. About 40-60 min on 2 shared CPU cores."""
-    cfg = config.build({"agent": "drqv2", "env": "cartpole-balance", "render.size": 48, "env_steps": 8000,
+    """cartpole-balance from 48x48 pixels, 30,000 env steps (500 random agent steps, 14,500 updates at
+    batch 64, widths 128, render.fast, std 1.0 -> 0.1 over 15,000 env steps): the final deterministic
+    policy (5 episodes) must beat the one evaluated at env step 3,000 by 100. About 25 min on 2 CPU cores
+    (12 agent steps/s)."""
+    cfg = config.build({"agent": "drqv2", "env": "cartpole-balance", "render.size": 48, "env_steps": 30000,
                         "warmup_steps": 500, "batch_size": 64, "actor.width": 128, "critic.width": 128,
-                        "render.fast": True, "eval_every": 1000, "eval_episodes": 3, "final_eval_episodes": 5,
-                        "diag_every": 0, "drqv2.std_steps": 8000, "run_dir": str(tmp_path / "run"),
+                        "render.fast": True, "eval_every": 3000, "eval_episodes": 3, "final_eval_episodes": 5,
+                        "diag_every": 0, "drqv2.std_steps": 15000, "run_dir": str(tmp_path / "run"),
                         "progress": False})
     summary = train.train(cfg, log=lambda m: None)
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    first = float(rows[1].split(",")[header.index("eval_return")])  # env step 1000: end of warm-up
+    first = float(rows[1].split(",")[header.index("eval_return")])  # env step 3000
     assert summary["final_return"] > first + 100, (first, summary["final_return"])

@@ -181,7 +181,13 @@ def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
 
 
 def update(state: DrQv2State, batches: Batch, stats: ObsStats, cfg: Config):
-    return common.scan_updates(update_step, state, batches, stats, cfg)
+    """K gradient steps, unrolled in one jitted call (not a ``lax.scan``: XLA's CPU convolutions ran
+    ~3x slower inside the scan's loop body than outside it — measured, see docs/visual.md)."""
+    all_metrics = []
+    for k in range(batches.reward.shape[0]):
+        state, metrics = update_step(state, jax.tree_util.tree_map(lambda x, k=k: x[k], batches), stats, cfg)
+        all_metrics.append(metrics)
+    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *all_metrics)
 
 
 def diagnostic_features(state: DrQv2State, batch: Batch) -> dict:
