@@ -203,7 +203,8 @@ def by(items, key) -> dict:
 def task_table(all_runs: list[Run]) -> list[dict]:
     """Per variant and task: mean final return over seeds with its 95% CI."""
     rows = []
-    for (variant, env), rs in sorted(by([r for r in all_runs if r.summary], lambda r: (r.variant, r.env)).items()):
+    groups = by([r for r in all_runs if r.summary], lambda r: (r.variant, r.env))
+    for (variant, env), rs in sorted(groups.items(), key=lambda kv: (kv[1][0].total_params, kv[0])):
         mean, ci = mean_ci([r.final_return for r in rs])
         rows.append({"variant": variant, "env": env, "seeds": len(rs), "mean": mean, "ci95": ci,
                      "params": rs[0].total_params, "nonzero": rs[0].nonzero_params})
@@ -213,7 +214,8 @@ def task_table(all_runs: list[Run]) -> list[dict]:
 def aggregate_table(all_runs: list[Run], reps: int) -> list[dict]:
     """Per variant: IQM over all tasks and seeds with a stratified-bootstrap 95% CI."""
     rows = []
-    for variant, rs in sorted(by([r for r in all_runs if r.summary], lambda r: r.variant).items()):
+    groups = by([r for r in all_runs if r.summary], lambda r: r.variant)
+    for variant, rs in sorted(groups.items(), key=lambda kv: (kv[1][0].total_params, kv[0])):
         per_task = [[r.final_return for r in t] for t in by(rs, lambda r: r.env).values()]
         point, lo, hi = stratified_bootstrap_ci(per_task, iqm, reps)
         rows.append({"variant": variant, "tasks": len(per_task), "runs": len(rs), "iqm": point, "lo": lo, "hi": hi,
@@ -267,6 +269,15 @@ def _family(r: Run) -> str:
     return f"{r.cfg.get('agent')} " + (f"sparse ({sp})" if sp else "dense")
 
 
+def _limit_to_runs(ax, values) -> None:
+    """Keep the y-axis on the runs' own values: with 2-3 seeds a t-interval can be ten times wider than
+    the data and would flatten every line (the tables give the intervals in full)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+    if v.size:
+        pad = 0.1 * max(v.max() - v.min(), 1e-6 + 0.05 * abs(v.max()))
+        ax.set_ylim(v.min() - pad, v.max() + pad)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -304,6 +315,7 @@ def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path 
             xs, ys, los, his = map(np.array, zip(*points))
             style = "-" if "sparse" in family else "--"
             ax.errorbar(xs, ys, yerr=[ys - los, his - ys], fmt=style + "o", capsize=3, markersize=4, label=family)
+        _limit_to_runs(ax, [r.final_return for r in done if env in (r.env, "IQM over tasks")])
         ax.set_xscale("log")
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -338,6 +350,7 @@ def plot_sparsity(all_runs: list[Run], out: Path) -> Path | None:
                 continue
             xs, ys, cis = map(np.array, zip(*pts))
             ax.errorbar(xs, ys, yerr=cis, fmt="-o", capsize=3, markersize=4, label=f"{human(size)} params")
+        _limit_to_runs(ax, [r.final_return for r in done if r.env == env])
         ax.set_title(env, fontsize=10)
         ax.set_xlabel("critic sparsity")
         ax.set_ylabel("final return")
@@ -379,6 +392,8 @@ def plot_curves(all_runs: list[Run], out: Path) -> Path | None:
             x, m, ci = c
             line, = ax.plot(x, m, "-" if rs[0].sparse else "--", label=variant)
             ax.fill_between(x, m - ci, m + ci, color=line.get_color(), alpha=0.2)
+        _limit_to_runs(ax, [float(row["eval_return"]) for r in with_rows if r.env == env for row in r.metrics
+                            if row.get("eval_return") not in (None, "", "nan")])
         ax.set_title(env, fontsize=10)
         ax.set_xlabel("env steps")
         ax.set_ylabel("evaluation return")
@@ -413,6 +428,8 @@ def plot_diagnostics(all_runs: list[Run], out: Path) -> Path | None:
             x, m, ci = c
             line, = ax.plot(x, m, "-" if rs[0].sparse else "--", marker="o", markersize=3, label=variant)
             ax.fill_between(x, m - ci, m + ci, color=line.get_color(), alpha=0.2)
+        _limit_to_runs(ax, [float(row[key]) for r in with_diag for row in r.diagnostics
+                            if row.get(key) not in (None, "", "nan")])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
