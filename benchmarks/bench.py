@@ -14,7 +14,10 @@
 * ``encoder``: the DrQ-v2 pixel encoder (4 x 32 channels, 84x84x9 uint8 input) forward + backward at
   batch 256: FLOPs (XLA cost analysis of the plain-convolution program), seconds per call and
   achieved GFLOP/s for the plain ``lax.conv_general_dilated`` (``reference``), one im2col matmul
-  (``im2col``) and the library's ``conv2d`` (``sparserl``), each as a ratio to ``matmul_gflops``;
+  (``im2col``), the library's chunked ``conv2d`` with separate bias/ReLU (``conv2d``) and the encoder
+  as agents run it, conv+bias+ReLU fused per chunk (``sparserl``), each as a ratio to
+  ``matmul_gflops``; and ``conv_shape_matmul_gflops``, a bare matmul of the conv layers' own shape
+  (the ceiling of any patches-and-matmul convolution);
 * ``pixels``: rendering frames/s of a pixel env (default and ``render.fast``) and DrQ-v2 agent
   steps/s of a small configuration in the real train loop.
 
@@ -169,8 +172,10 @@ def encoder_benchmark(seconds: float, batch: int = 256) -> dict:
     frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 9)), jnp.uint8)
     weights = jax.random.normal(jax.random.PRNGKey(1), (networks.conv_out_size(84, 4) ** 2 * 32,)) * 0.01
     out, flops = {}, None
+    # sparserl: the encoder as the agent runs it (fused conv+bias+ReLU per chunk); conv2d: the same
+    # chunked convolution with bias and ReLU as separate whole-batch XLA ops
     for name, conv in (("reference", networks.conv2d_reference), ("im2col", networks.conv2d_im2col),
-                       ("sparserl", networks.conv2d)):
+                       ("conv2d", networks.conv2d), ("sparserl", None)):
         loss = lambda p, x, conv=conv: (networks.conv_encoder(p, x, conv=conv) @ weights).mean()
         step = jax.jit(jax.value_and_grad(loss))
         if flops is None:  # the plain convolution's count (a scan's body may be counted once)
@@ -178,7 +183,13 @@ def encoder_benchmark(seconds: float, batch: int = 256) -> dict:
             flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
         rate = timed(lambda step=step: jax.block_until_ready(step(params, frames)), seconds)
         out[name] = {"seconds_per_call": 1.0 / rate, "achieved_gflops": rate * flops / 1e9}
-    return {"batch": batch, "flops_per_call": flops, "variants": out}
+    # the ceiling of any patches-and-matmul convolution here: a bare matmul of the 32-channel layers'
+    # own shape (one chunk of 8 images of 37x37 patches x 288 inputs -> 32 channels)
+    a = jax.random.normal(jax.random.PRNGKey(2), (8 * 37 * 37, 288), jnp.float32)
+    k = jax.random.normal(jax.random.PRNGKey(3), (288, 32), jnp.float32)
+    matmul = jax.jit(lambda a, k: a @ k)
+    conv_shape = timed(lambda: matmul(a, k).block_until_ready(), seconds) * 2 * a.shape[0] * 288 * 32 / 1e9
+    return {"batch": batch, "flops_per_call": flops, "variants": out, "conv_shape_matmul_gflops": conv_shape}
 
 
 def pixel_benchmark(seconds: float, env_steps: int = 600) -> dict:
@@ -230,6 +241,9 @@ def main() -> None:
             r["ratio_to_matmul"] = r["achieved_gflops"] / results["matmul_gflops"]
             print(f"  {name:<10} {r['seconds_per_call']:.3f} s  {r['achieved_gflops']:.1f} GFLOP/s  "
                   f"{r['ratio_to_matmul']:.2f} x matmul", flush=True)
+        enc["conv_shape_matmul_ratio"] = enc["conv_shape_matmul_gflops"] / results["matmul_gflops"]
+        print(f"  (a bare matmul of the conv layers' shape, 10952x288 @ 288x32: {enc['conv_shape_matmul_gflops']:.1f} "
+              f"GFLOP/s = {enc['conv_shape_matmul_ratio']:.2f} x matmul)", flush=True)
         pix = results["pixels"] = pixel_benchmark(args.seconds)
         print(f"rendering 84x84 (MUJOCO_GL={pix['gl_backend']}): {pix['frames_per_s']['default']:.0f} frames/s default, "
               f"{pix['frames_per_s']['fast']:.0f} frames/s render.fast; drqv2 small: "

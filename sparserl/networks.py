@@ -14,6 +14,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _orthogonal = jax.nn.initializers.orthogonal
 _he_normal = jax.nn.initializers.he_normal()
@@ -122,14 +123,21 @@ def num_params(params) -> int:
 # Pixel encoder (DrQ-v2): 3x3 convolutions, NHWC, kernels HWIO; first stride 2, then stride 1, VALID.
 #
 # XLA's CPU convolution runs these shapes ~10x off the FLOP-limited time (forward, and worst for the
-# kernel gradient: a correlation over batch x positions with a tiny 3x3 output). ``conv2d`` computes
-# all three products as im2col + matmul over small chunks of the batch inside ``lax.map``/``lax.scan``
-# (each chunk's patch matrix stays in cache): the forward ``Y = P K``, the input gradient as the full
-# convolution of ``dY`` with the flipped kernel, and the kernel gradient ``dK = sum_chunks P^T dY``.
-# ``conv2d_reference`` is plain ``lax.conv_general_dilated`` (autodiff gradients); tests check that
-# both agree, forward and gradients, within float tolerance.
+# kernel gradient: a correlation over batch x positions with a tiny 3x3 output), and its elementwise
+# passes over whole activations (bias, ReLU, their gradients, the uint8 -> float input) run far below
+# memory bandwidth. ``conv2d`` / ``conv_relu`` therefore compute each layer over small chunks of the
+# batch, so every chunk's intermediates stay in cache and the elementwise work rides along:
+#   forward  stride 1: ``Z = X @ [K_00 .. K_22]`` (one matmul with 9*cout columns), then the 9 shifted
+#            slices of Z are summed; stride 2 (first layer): im2col patches @ K. + bias, ReLU.
+#   backward ``D = G * (Y > 0)``; ``dK_ab = X_ab^T D`` per tap (9 matmuls, no patch matrix); ``db``;
+#            ``dX`` = the same shifted-sum trick transposed (``D @ [K_ab^T]``, padded and summed).
+# With ``pixels=True`` the input is raw pixel values (uint8 frames) mapped to ``x/255 - 0.5`` chunk by
+# chunk, so the float image batch never exists whole. ``conv2d_reference`` is plain
+# ``lax.conv_general_dilated`` (autodiff gradients); tests check that both agree, forward and
+# gradients, within float tolerance.
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+_FORWARD_CHUNK, _BACKWARD_CHUNK = 8, 8   # images per chunk (best measured on the 2-core AVX-512 CPU)
 
 
 def init_conv(key, in_channels: int, out_channels: int, size: int = 3) -> dict:
@@ -162,68 +170,110 @@ def conv2d_im2col(p: dict, x: jax.Array, stride: int) -> jax.Array:
     return im2col(x, kh, kw, stride) @ p["kernel"].reshape(kh * kw * cin, cout) + p["bias"]
 
 
-def _chunk(batch: int, target: int = 2) -> int:
+def _chunk(batch: int, target: int) -> int:
     return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 
-def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: int) -> jax.Array:
-    """``dL/dK`` of a VALID NHWC convolution: im2col + matmul, chunked over the batch."""
-    kh, kw, cin, cout = kernel_shape
-    n = x.shape[0]
-    c = _chunk(n)
-    xs = x.reshape(n // c, c, *x.shape[1:])
-    ds = dy.reshape(n // c, c, *dy.shape[1:])
-
-    def body(acc, xd):
-        xi, di = xd
-        patches = im2col(xi, kh, kw, stride).reshape(-1, kh * kw * cin)
-        return acc + patches.T @ di.reshape(-1, cout), None
-
-    acc, _ = jax.lax.scan(body, jnp.zeros((kh * kw * cin, cout), dy.dtype), (xs, ds))
-    return acc.reshape(kernel_shape)
+def _chunked(x: jax.Array, target: int) -> jax.Array:
+    c = _chunk(x.shape[0], target)
+    return x.reshape(x.shape[0] // c, c, *x.shape[1:])
 
 
-def conv_chunked(x: jax.Array, kernel: jax.Array, stride: int, target: int = 4) -> jax.Array:
-    """The convolution as im2col + matmul over chunks of ``target`` images in a ``lax.map``: each
-    chunk's patch matrix stays in cache (one im2col of the whole batch is ~450 MB at batch 256)."""
+def _prepare(x: jax.Array, pixels: bool) -> jax.Array:
+    return x.astype(jnp.float32) / 255.0 - 0.5 if pixels else x
+
+
+def _tap(x: jax.Array, a: int, b: int, ho: int, wo: int, stride: int) -> jax.Array:
+    return x[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride, :]
+
+
+def _conv_chunk(x, kernel, stride: int):
+    """VALID convolution of one chunk of images (no bias)."""
     kh, kw, cin, cout = kernel.shape
-    n = x.shape[0]
-    c = _chunk(n, target)
-    k2 = kernel.reshape(kh * kw * cin, cout)
-    out = jax.lax.map(lambda xi: im2col(xi, kh, kw, stride) @ k2, x.reshape(n // c, c, *x.shape[1:]))
-    return out.reshape(n, *out.shape[2:])
+    if stride != 1:
+        return im2col(x, kh, kw, stride) @ kernel.reshape(kh * kw * cin, cout)
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    z = (x @ kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)).reshape(*x.shape[:3], kh, kw, cout)
+    return sum(z[:, a:a + ho, b:b + wo, a, b] for a in range(kh) for b in range(kw))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x, kernel, stride: int):
-    return conv_chunked(x, kernel, stride)
+def _conv_input_grad_chunk(d, kernel):
+    """``dL/dX`` of a stride-1 VALID convolution for one chunk: the forward trick transposed."""
+    kh, kw, cin, cout = kernel.shape
+    z = (d @ kernel.transpose(3, 0, 1, 2).reshape(cout, kh * kw * cin)).reshape(*d.shape[:3], kh, kw, cin)
+    return sum(jnp.pad(z[:, :, :, a, b], ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
+               for a in range(kh) for b in range(kw))
 
 
-def _conv_fwd(x, kernel, stride):
-    return conv_chunked(x, kernel, stride), (x, kernel)
+def _conv_forward(x, kernel, bias, stride: int, relu: bool, pixels: bool):
+    def one(xi):
+        y = _conv_chunk(_prepare(xi, pixels), kernel, stride) + bias
+        return jax.nn.relu(y) if relu else y
+
+    out = jax.lax.map(one, _chunked(x, _FORWARD_CHUNK))
+    return out.reshape(x.shape[0], *out.shape[2:])
 
 
-def _conv_bwd(stride, residuals, dy):
-    x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    if stride == 1:  # the input gradient is a full convolution of dy with the flipped, transposed kernel
-        padded = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-        dx = conv_chunked(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1)
-    else:  # (the encoder's strided first layer: its input is the image, whose gradient nobody uses)
-        dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), x)[1](dy)[0]
-    return dx, kernel_grad(x, dy, kernel.shape, stride)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_op(x, kernel, bias, stride: int, relu: bool, pixels: bool):
+    return _conv_forward(x, kernel, bias, stride, relu, pixels)
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+def _conv_op_fwd(x, kernel, bias, stride, relu, pixels):
+    y = _conv_forward(x, kernel, bias, stride, relu, pixels)
+    return y, (x, kernel, y)
 
 
-def conv2d(p: dict, x: jax.Array, stride: int) -> jax.Array:
-    """A VALID NHWC convolution, forward and gradients by chunked im2col matmuls (see above)."""
-    if x.ndim != 4:  # unbatched or extra leading axes: flatten them into one batch axis
-        lead = x.shape[:-3]
-        out = conv2d(p, x.reshape(-1, *x.shape[-3:]), stride)
-        return out.reshape(*lead, *out.shape[1:])
-    return _conv(x, p["kernel"], stride) + p["bias"]
+def _conv_op_bwd(stride, relu, pixels, residuals, g):
+    x, kernel, y = residuals
+    kh, kw, cin, cout = kernel.shape
+    ho, wo = y.shape[1], y.shape[2]
+    want_dx = jnp.issubdtype(x.dtype, jnp.floating)  # integer frames have no gradient
+
+    def body(acc, chunk):
+        xi, yi, gi = chunk
+        xf = _prepare(xi, pixels)
+        d = jnp.where(yi > 0, gi, 0.0) if relu else gi
+        d2 = d.reshape(-1, cout)
+        dk = jnp.stack([_tap(xf, a, b, ho, wo, stride).reshape(-1, cin).T @ d2
+                        for a in range(kh) for b in range(kw)])
+        dx = None
+        if want_dx:
+            if stride == 1:
+                dx = _conv_input_grad_chunk(d, kernel)
+            else:  # (only a strided first layer over floats: not the encoder's uint8 frames)
+                dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), xf)[1](d)[0]
+            dx = dx / 255.0 if pixels else dx
+        return (acc[0] + dk, acc[1] + d2.sum(0)), dx
+
+    init = (jnp.zeros((kh * kw, cin, cout), g.dtype), jnp.zeros((cout,), g.dtype))
+    (dk, db), dx = jax.lax.scan(body, init, tuple(_chunked(a, _BACKWARD_CHUNK) for a in (x, y, g)))
+    if want_dx:
+        dx = dx.reshape(x.shape).astype(x.dtype)
+    else:
+        dx = np.zeros(x.shape, jax.dtypes.float0)
+    return dx, dk.reshape(kernel.shape), db
+
+
+_conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
+
+
+def _batched(fn, x: jax.Array, *args):
+    if x.ndim == 4:
+        return fn(x, *args)
+    lead = x.shape[:-3]  # unbatched or extra leading axes: flatten them into one batch axis
+    out = fn(x.reshape(-1, *x.shape[-3:]), *args)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def conv2d(p: dict, x: jax.Array, stride: int, pixels: bool = False) -> jax.Array:
+    """A VALID NHWC convolution + bias, forward and gradients by chunked matmuls (see above)."""
+    return _batched(lambda x_: _conv_op(x_, p["kernel"], p["bias"], stride, False, pixels), x)
+
+
+def conv_relu(p: dict, x: jax.Array, stride: int, pixels: bool = False) -> jax.Array:
+    """``relu(conv2d(p, x, stride))`` fused chunk by chunk (the encoder's layer)."""
+    return _batched(lambda x_: _conv_op(x_, p["kernel"], p["bias"], stride, True, pixels), x)
 
 
 def conv_out_size(size: int, layers: int) -> int:
@@ -237,16 +287,21 @@ def init_conv_encoder(key, in_channels: int, channels: int, layers: int) -> dict
 
 
 def conv_encoder(params: dict, obs: jax.Array, capture: dict | None = None, conv=None) -> jax.Array:
-    """uint8 frames (..., H, W, C) -> flat features: ``x/255 - 0.5``, then conv+ReLU layers."""
-    conv = conv or conv2d
-    h = obs.astype(jnp.float32) / 255.0 - 0.5
-    i = 0
-    while f"conv{i}" in params:
-        pre = conv(params[f"conv{i}"], h, 2 if i == 0 else 1)
+    """Frames (..., H, W, C) of pixel values (uint8) -> flat features: ``x/255 - 0.5``, then conv+ReLU
+    layers. ``conv`` swaps in another convolution ``conv(p, x, stride)`` (benchmarks, tests)."""
+    layers = [params[f"conv{i}"] for i in range(len(params))]
+    if conv is None and capture is None:  # the fused, chunked path (see above)
+        h = conv_relu(layers[0], obs, 2, pixels=True)
+        for p in layers[1:]:
+            h = conv_relu(p, h, 1)
+        return h.reshape(*h.shape[:-3], -1)
+    h = obs if conv is None else obs.astype(jnp.float32) / 255.0 - 0.5
+    for i, p in enumerate(layers):  # unfused: pre-activations are captured for diagnostics
+        stride = 2 if i == 0 else 1
+        pre = conv2d(p, h, stride, pixels=i == 0) if conv is None else conv(p, h, stride)
         h = jax.nn.relu(pre)
         if capture is not None:
             capture[f"pre_act/conv{i}"], capture[f"post_act/conv{i}"] = pre, h
-        i += 1
     return h.reshape(*h.shape[:-3], -1)
 
 
