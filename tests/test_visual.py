@@ -223,6 +223,47 @@ def test_erk_allocates_conv_kernels_by_sum_over_prod():
 
 
 @pytest.mark.parametrize("stride,shape", [(1, (3, 11, 10, 5)), (2, (2, 13, 13, 9))])
+@pytest.mark.parametrize("relu,pixels", [(False, True), (True, False), (True, True)])
+def test_fused_conv_relu_equals_lax_conv(stride, shape, relu, pixels):
+    """conv_relu / conv2d(pixels=True) == relu?(lax conv of x/255 - 0.5), forward and all gradients."""
+    p = networks.init_conv(jax.random.PRNGKey(0), shape[-1], 7)
+    p["bias"] = jax.random.normal(jax.random.PRNGKey(1), (7,))
+    x = jax.random.uniform(jax.random.PRNGKey(2), shape, maxval=255.0) if pixels else jax.random.normal(
+        jax.random.PRNGKey(2), shape)
+    fused = networks.conv_relu if relu else networks.conv2d
+    ours = lambda p, x: fused(p, x, stride, pixels=pixels)
+    prep = (lambda x: x / 255.0 - 0.5) if pixels else (lambda x: x)
+    ref = lambda p, x: (jax.nn.relu if relu else (lambda y: y))(networks.conv2d_reference(p, prep(x), stride))
+    np.testing.assert_allclose(ours(p, x), ref(p, x), rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(3), ref(p, x).shape)
+    grads = [jax.grad(lambda p, x, f=f: jnp.sum(jnp.tanh(f(p, x)) * w), argnums=(0, 1))(p, x) for f in (ours, ref)]
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 / (255.0 if pixels and a.shape == x.shape else 1.0))
+
+
+def test_encoder_fused_capture_and_reference_paths_agree():
+    """The agent's fused encoder, its diagnostics (capture) path and plain lax convs: same features
+    and parameter gradients from uint8 frames, at a batch that is not a multiple of the chunk."""
+    params = networks.init_conv_encoder(jax.random.PRNGKey(0), 9, 8, 3)
+    for i, name in enumerate(params):
+        params[name]["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(10 + i), (8,))
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (11, 24, 24, 9)), jnp.uint8)
+    w = jax.random.normal(jax.random.PRNGKey(1), (networks.conv_out_size(24, 3) ** 2 * 8,))
+    capture = {}
+    runs = {"fused": {}, "capture": {"capture": capture}, "ref": {"conv": networks.conv2d_reference}}
+    out = {k: jax.value_and_grad(lambda p, kw=kw: jnp.sum(jnp.square(jnp.tanh(networks.conv_encoder(p, frames, **kw)) @ w)))(params)
+           for k, kw in runs.items()}
+    feats = {k: networks.conv_encoder(params, frames, **kw) for k, kw in runs.items() if k != "capture"}
+    np.testing.assert_allclose(feats["fused"], feats["ref"], rtol=1e-5, atol=1e-5)
+    assert {"pre_act/conv0", "post_act/conv2"} <= set(capture)
+    for k in ("fused", "capture"):
+        np.testing.assert_allclose(out[k][0], out["ref"][0], rtol=1e-4)
+        for a, b in zip(jax.tree_util.tree_leaves(out[k][1]), jax.tree_util.tree_leaves(out["ref"][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()))
+    assert float(jnp.abs(out["fused"][1]["conv0"]["kernel"]).max()) > 0  # gradients reach the first layer
+
+
+@pytest.mark.parametrize("stride,shape", [(1, (3, 11, 10, 5)), (2, (2, 13, 13, 9))])
 def test_conv2d_equals_lax_conv_forward_and_gradients(stride, shape):
     p = networks.init_conv(jax.random.PRNGKey(0), shape[-1], 7)
     p["bias"] = jax.random.normal(jax.random.PRNGKey(1), (7,))
