@@ -296,4 +296,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from sparserl import hugepages
+
+    hugepages.restart_with_huge_pages()  # as the `sparserl` command runs (see sparserl/hugepages.py)
     main()

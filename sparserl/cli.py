@@ -12,6 +12,7 @@ import sys
 import textwrap
 from typing import Any
 
+from sparserl import hugepages
 from sparserl.config import Config, ConfigError, from_args
 from sparserl.sweep import SWEEP_KEYS
 
@@ -309,5 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``sparserl`` command: :func:`main` in a process whose malloc uses huge pages."""
+    hugepages.restart_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

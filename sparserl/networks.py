@@ -129,7 +129,7 @@ def num_params(params) -> int:
 # batch, so every chunk's intermediates stay in cache and the elementwise work rides along:
 #   forward  stride 1: ``Z = X @ [K_00 .. K_22]`` (one matmul with 9*cout columns), then the 9 shifted
 #            slices of Z are summed; stride 2 (first layer): im2col patches @ K. + bias, ReLU.
-#   backward ``D = G * (Y > 0)``; ``dK_ab = X_ab^T D`` per tap (9 matmuls, no patch matrix); ``db``;
+#   backward ``D = G * (Y > 0)``; ``dK`` by 3 matmuls (see ``_kernel_grad_chunk``; no patch matrix); ``db``;
 #            ``dX`` = the same shifted-sum trick transposed (``D @ [K_ab^T]``, padded and summed).
 # With ``pixels=True`` the input is raw pixel values (uint8 frames) mapped to ``x/255 - 0.5`` chunk by
 # chunk, so the float image batch never exists whole. ``conv2d_reference`` is plain
@@ -197,6 +197,23 @@ def _conv_chunk(x, kernel, stride: int):
     return sum(z[:, a:a + ho, b:b + wo, a, b] for a in range(kh) for b in range(kw))
 
 
+def _kernel_grad_chunk(x, d, kernel_shape, stride: int):
+    """``dL/dK`` for one chunk. Stride 1: per kernel row ``a``, one matmul of the input rows
+    ``a .. a+ho`` (full width) with ``D`` placed at the ``kw`` column offsets of that width (zeros
+    elsewhere): 3 matmuls with 3*cout columns instead of 9 tap matmuls with cout."""
+    kh, kw, cin, cout = kernel_shape
+    ho, wo = d.shape[1], d.shape[2]
+    if stride != 1:
+        d2 = d.reshape(-1, cout)
+        return jnp.stack([_tap(x, a, b, ho, wo, stride).reshape(-1, cin).T @ d2
+                          for a in range(kh) for b in range(kw)]).reshape(kernel_shape)
+    width = x.shape[2]
+    shifted = jnp.concatenate([jnp.pad(d, ((0, 0), (0, 0), (b, width - wo - b), (0, 0))) for b in range(kw)], -1)
+    shifted = shifted.reshape(-1, kw * cout)
+    rows = jnp.stack([x[:, a:a + ho].reshape(-1, cin).T @ shifted for a in range(kh)])  # (kh, cin, kw*cout)
+    return rows.reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+
+
 def _conv_input_grad_chunk(d, kernel):
     """``dL/dX`` of a stride-1 VALID convolution for one chunk: the forward trick transposed."""
     kh, kw, cin, cout = kernel.shape
@@ -234,9 +251,7 @@ def _conv_op_bwd(stride, relu, pixels, residuals, g):
         xi, yi, gi = chunk
         xf = _prepare(xi, pixels)
         d = jnp.where(yi > 0, gi, 0.0) if relu else gi
-        d2 = d.reshape(-1, cout)
-        dk = jnp.stack([_tap(xf, a, b, ho, wo, stride).reshape(-1, cin).T @ d2
-                        for a in range(kh) for b in range(kw)])
+        dk = _kernel_grad_chunk(xf, d, kernel.shape, stride)
         dx = None
         if want_dx:
             if stride == 1:
@@ -244,15 +259,15 @@ def _conv_op_bwd(stride, relu, pixels, residuals, g):
             else:  # (only a strided first layer over floats: not the encoder's uint8 frames)
                 dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), xf)[1](d)[0]
             dx = dx / 255.0 if pixels else dx
-        return (acc[0] + dk, acc[1] + d2.sum(0)), dx
+        return (acc[0] + dk, acc[1] + d.reshape(-1, cout).sum(0)), dx
 
-    init = (jnp.zeros((kh * kw, cin, cout), g.dtype), jnp.zeros((cout,), g.dtype))
+    init = (jnp.zeros(kernel.shape, g.dtype), jnp.zeros((cout,), g.dtype))
     (dk, db), dx = jax.lax.scan(body, init, tuple(_chunked(a, _BACKWARD_CHUNK) for a in (x, y, g)))
     if want_dx:
         dx = dx.reshape(x.shape).astype(x.dtype)
     else:
         dx = np.zeros(x.shape, jax.dtypes.float0)
-    return dx, dk.reshape(kernel.shape), db
+    return dx, dk, db
 
 
 _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)

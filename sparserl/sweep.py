@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from sparserl import config, runs
+from sparserl import config, hugepages, runs
 from sparserl.config import ConfigError
 
 SCALES = ("full", "small", "smoke")
@@ -342,7 +342,7 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MUJOCO_GL", "egl")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs may share one GPU
-    return env
+    return hugepages.child_env(env)
 
 
 def run_job(command: list[str], log_path: str, env: dict[str, str]) -> int:

@@ -349,3 +349,18 @@ def test_more_bad_input_is_one_line_exit_2(argv, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sparserl: error:"), err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the glibc tunable only applies on Linux")
+def test_command_restarts_once_with_huge_page_malloc_unless_disabled():
+    """The `sparserl` entry point re-execs itself once with glibc.malloc.hugetlb=1 (sparserl/hugepages.py)."""
+    code = ("import os; from sparserl import hugepages; print('start', flush=True); "
+            "hugepages.restart_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SPARSERL_HUGE_PAGES")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                       text=True, timeout=120).stdout.split()
+    assert run({}) == ["start", "start", "glibc.malloc.hugetlb=1"]
+    assert run({"SPARSERL_HUGE_PAGES": "0"}) == ["start", "None"]
+    assert run({"GLIBC_TUNABLES": "glibc.malloc.check=0"}) == ["start", "glibc.malloc.check=0"]  # never overridden
+    from sparserl import hugepages, sweep
+    assert sweep._child_env()["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES", hugepages.TUNABLE)
