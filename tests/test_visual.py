@@ -261,6 +261,11 @@ def test_encoder_fused_capture_and_reference_paths_agree():
         for a, b in zip(jax.tree_util.tree_leaves(out[k][1]), jax.tree_util.tree_leaves(out["ref"][1])):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()))
     assert float(jnp.abs(out["fused"][1]["conv0"]["kernel"]).max()) > 0  # gradients reach the first layer
+    # float frames: the gradient reaches the pixels too (it is not used by the agents, but must be right)
+    pixel_grad = {k: jax.grad(lambda x, kw=kw: jnp.sum(jnp.square(jnp.tanh(networks.conv_encoder(params, x, **kw)) @ w)))(
+        frames.astype(jnp.float32)) for k, kw in runs.items() if k != "capture"}
+    np.testing.assert_allclose(pixel_grad["fused"], pixel_grad["ref"], rtol=1e-3,
+                               atol=1e-3 * float(jnp.abs(pixel_grad["ref"]).max()))
 
 
 @pytest.mark.parametrize("stride,shape", [(1, (3, 11, 10, 5)), (2, (2, 13, 13, 9))])
