@@ -17,9 +17,12 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def _applies(env) -> bool:
+    return sys.platform == "linux" and env.get("SPARSERL_HUGE_PAGES", "1") != "0"
+
+
 def wanted() -> bool:
-    return (sys.platform == "linux" and os.environ.get("SPARSERL_HUGE_PAGES", "1") != "0"
-            and "GLIBC_TUNABLES" not in os.environ)
+    return _applies(os.environ) and "GLIBC_TUNABLES" not in os.environ
 
 
 def restart_with_huge_pages() -> None:
@@ -30,7 +33,7 @@ def restart_with_huge_pages() -> None:
 
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
-    """``env`` for a child process, with the tunable set where it applies."""
-    if sys.platform == "linux" and env.get("SPARSERL_HUGE_PAGES", "1") != "0":
+    """``env`` for a child process, with the tunable set where it applies (a user's own is kept)."""
+    if _applies(env):
         env.setdefault("GLIBC_TUNABLES", TUNABLE)
     return env

@@ -264,33 +264,45 @@ def _conv_op_fwd(x, kernel, bias, stride, relu, pixels):
     return y, (x, kernel, y)
 
 
+def _layer_backward_chunk(x, y, g, kernel, stride: int, relu: bool, pixels: bool, want_dx: bool):
+    """One layer's gradients on one chunk: ``(dK, db, dX or None)`` from its raw input ``x``, its
+    output ``y`` and the output's gradient ``g``."""
+    xf = _prepare(x, pixels)
+    d = jnp.where(y > 0, g, 0.0) if relu else g
+    dk = _kernel_grad_chunk(xf, d, kernel.shape, stride)
+    db = d.reshape(-1, d.shape[-1]).sum(0)
+    dx = None
+    if want_dx:
+        if stride == 1:
+            dx = _conv_input_grad_chunk(d, kernel)
+        else:  # (only a strided first layer over floats: not the encoder's uint8 frames)
+            dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), xf)[1](d)[0]
+        dx = dx / 255.0 if pixels else dx
+    return dk, db, dx
+
+
+def _wants_input_grad(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)  # integer frames have no gradient
+
+
+def _input_cotangent(x: jax.Array, chunked_dx) -> jax.Array:
+    """The scan's stacked input gradients as ``x``'s cotangent (float0 zeros for integer frames)."""
+    if _wants_input_grad(x):
+        return chunked_dx.reshape(x.shape).astype(x.dtype)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
 def _conv_op_bwd(stride, relu, pixels, residuals, g):
     x, kernel, y = residuals
-    kh, kw, cin, cout = kernel.shape
-    ho, wo = y.shape[1], y.shape[2]
-    want_dx = jnp.issubdtype(x.dtype, jnp.floating)  # integer frames have no gradient
+    want_dx = _wants_input_grad(x)
 
     def body(acc, chunk):
-        xi, yi, gi = chunk
-        xf = _prepare(xi, pixels)
-        d = jnp.where(yi > 0, gi, 0.0) if relu else gi
-        dk = _kernel_grad_chunk(xf, d, kernel.shape, stride)
-        dx = None
-        if want_dx:
-            if stride == 1:
-                dx = _conv_input_grad_chunk(d, kernel)
-            else:  # (only a strided first layer over floats: not the encoder's uint8 frames)
-                dx = jax.vjp(lambda x_: _lax_conv(x_, kernel, stride), xf)[1](d)[0]
-            dx = dx / 255.0 if pixels else dx
-        return (acc[0] + dk, acc[1] + d.reshape(-1, cout).sum(0)), dx
+        dk, db, dx = _layer_backward_chunk(*chunk, kernel, stride, relu, pixels, want_dx)
+        return (acc[0] + dk, acc[1] + db), dx
 
-    init = (jnp.zeros(kernel.shape, g.dtype), jnp.zeros((cout,), g.dtype))
+    init = (jnp.zeros_like(kernel), jnp.zeros(kernel.shape[-1:], g.dtype))
     (dk, db), dx = jax.lax.scan(body, init, tuple(_chunked(a, _BACKWARD_CHUNK) for a in (x, y, g)))
-    if want_dx:
-        dx = dx.reshape(x.shape).astype(x.dtype)
-    else:
-        dx = np.zeros(x.shape, jax.dtypes.float0)
-    return dx, dk, db
+    return _input_cotangent(x, dx), dk, db
 
 
 _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
@@ -343,28 +355,23 @@ def _encoder_op_bwd(residuals, g):
     written and read back once)."""
     params, obs, outs = residuals
     layers = _encoder_layers(params)
-    want_dx = jnp.issubdtype(obs.dtype, jnp.floating)  # integer frames have no gradient
+    want_dx = _wants_input_grad(obs)
 
     def body(acc, chunk):
         obs_i, outs_i, d = chunk
-        dks, dbs, dx = list(acc[0]), list(acc[1]), None
+        dks, dbs = list(acc[0]), list(acc[1])
         for i in reversed(range(len(layers))):
-            d = jnp.where(outs_i[i] > 0, d, 0.0)
-            x = _prepare(obs_i, True) if i == 0 else outs_i[i - 1]
-            dks[i] = dks[i] + _kernel_grad_chunk(x, d, layers[i]["kernel"].shape, 2 if i == 0 else 1)
-            dbs[i] = dbs[i] + d.reshape(-1, d.shape[-1]).sum(0)
-            if i > 0:
-                d = _conv_input_grad_chunk(d, layers[i]["kernel"])
-            elif want_dx:
-                dx = jax.vjp(lambda x_: _lax_conv(x_, layers[0]["kernel"], 2), x)[1](d)[0] / 255.0
-        return (tuple(dks), tuple(dbs)), dx
+            x = obs_i if i == 0 else outs_i[i - 1]
+            dk, db, d = _layer_backward_chunk(x, outs_i[i], d, layers[i]["kernel"], 2 if i == 0 else 1, True,
+                                              i == 0, i > 0 or want_dx)
+            dks[i], dbs[i] = dks[i] + dk, dbs[i] + db
+        return (tuple(dks), tuple(dbs)), d  # d: the frames' gradient (None unless they are floats)
 
     init = (tuple(jnp.zeros_like(p["kernel"]) for p in layers), tuple(jnp.zeros_like(p["bias"]) for p in layers))
     chunks = lambda a: _chunked(a, _BACKWARD_CHUNK)
     (dks, dbs), dx = jax.lax.scan(body, init, (chunks(obs), tuple(chunks(o) for o in outs), chunks(g)))
     grads = {f"conv{i}": {"kernel": dks[i], "bias": dbs[i]} for i in range(len(layers))}
-    dx = dx.reshape(obs.shape).astype(obs.dtype) if want_dx else np.zeros(obs.shape, jax.dtypes.float0)
-    return grads, dx
+    return grads, _input_cotangent(obs, dx)
 
 
 _encoder_op.defvjp(_encoder_op_fwd, _encoder_op_bwd)

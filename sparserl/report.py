@@ -278,6 +278,13 @@ def _limit_to_runs(ax, values) -> None:
         ax.set_ylim(v.min() - pad, v.max() + pad)
 
 
+def _decorate(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -293,6 +300,8 @@ def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path 
     if len({r.total_params for r in done}) < 2:
         return None
     plt = runs.pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # after runs.pyplot() chose the backend
+
     envs_ = sorted({r.env for r in done})
     fig, axes = _panels(len(envs_) + (len(envs_) > 1), plt)
     x_of = (lambda r: r.total_params) if x_key == "total" else (lambda r: r.nonzero_params)
@@ -317,17 +326,12 @@ def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path 
             ax.errorbar(xs, ys, yerr=[ys - los, his - ys], fmt=style + "o", capsize=3, markersize=4, label=family)
         _limit_to_runs(ax, [r.final_return for r in done if env in (r.env, "IQM over tasks")])
         ax.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-
         ticks = sorted({x_of(r) for r in done})
         if len(ticks) <= 8:  # label the sizes that were run
             ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(env, fontsize=10)
-        ax.set_xlabel("total parameters" if x_key == "total" else "non-zero parameters")
-        ax.set_ylabel("final return")
-        ax.grid(alpha=0.3)
+        _decorate(ax, env, "total parameters" if x_key == "total" else "non-zero parameters", "final return")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"final return vs {'total' if x_key == 'total' else 'non-zero'} parameters\n"
                  "(dense dashed, sparse solid; 95% CI; IQM panel: stratified bootstrap)", fontsize=10)
@@ -351,10 +355,7 @@ def plot_sparsity(all_runs: list[Run], out: Path) -> Path | None:
             xs, ys, cis = map(np.array, zip(*pts))
             ax.errorbar(xs, ys, yerr=cis, fmt="-o", capsize=3, markersize=4, label=f"{human(size)} params")
         _limit_to_runs(ax, [r.final_return for r in done if r.env == env])
-        ax.set_title(env, fontsize=10)
-        ax.set_xlabel("critic sparsity")
-        ax.set_ylabel("final return")
-        ax.grid(alpha=0.3)
+        _decorate(ax, env, "critic sparsity", "final return")
         ax.legend(fontsize=7)
     fig.suptitle("sparsity sweep per model size (95% CI)", fontsize=10)
     return _save(fig, out / "sparsity.png")
@@ -394,10 +395,7 @@ def plot_curves(all_runs: list[Run], out: Path) -> Path | None:
             ax.fill_between(x, m - ci, m + ci, color=line.get_color(), alpha=0.2)
         _limit_to_runs(ax, [float(row["eval_return"]) for r in with_rows if r.env == env for row in r.metrics
                             if row.get("eval_return") not in (None, "", "nan")])
-        ax.set_title(env, fontsize=10)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("evaluation return")
-        ax.grid(alpha=0.3)
+        _decorate(ax, env, "env steps", "evaluation return")
     axes[0].legend(fontsize=7)
     fig.suptitle("learning curves: mean over seeds, 95% CI band\n(dense dashed, sparse solid)", fontsize=10)
     return _save(fig, out / "curves.png")
