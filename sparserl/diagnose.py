@@ -57,9 +57,7 @@ def load_run(run_dir: Path):
     if "probe/obs" in arrays:
         batch = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     elif cfg.pixels:  # rebuild the frame replay to draw the probe set from it
-        size = cfg.render.size
-        buffer = replay.FrameReplay(min(cfg.buffer_size, cfg.agent_steps), (size, size, 3), cfg.frame_stack,
-                                    action_dim, cfg.n_step, cfg.gamma)
+        buffer = replay.for_config(cfg, obs_dim, action_dim)
         buffer.restore({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}, meta)
         batch = probe.draw_probe_set(buffer, cfg.diag_probe_size, cfg.seed)
     else:

@@ -201,6 +201,19 @@ class FrameReplay:
             getattr(self, name)[slots] = arrays[name]
 
 
+def capacity(cfg) -> int:
+    """Transitions a run's buffer holds: ``buffer_size``, or fewer when the run is shorter."""
+    return min(cfg.buffer_size, cfg.agent_steps)
+
+
+def for_config(cfg, obs_dim: int, action_dim: int) -> ReplayBuffer | FrameReplay:
+    """The replay buffer of a run: frames for pixel agents, flat observations otherwise."""
+    if cfg.pixels:
+        size = cfg.render.size
+        return FrameReplay(capacity(cfg), (size, size, 3), cfg.frame_stack, action_dim, cfg.n_step, cfg.gamma)
+    return ReplayBuffer(capacity(cfg), obs_dim, action_dim)
+
+
 def check_fits(nbytes: int, what: str, key: str = "buffer_size", available: int | None = None) -> int | None:
     """Raise ConfigError when a buffer of ``nbytes`` cannot fit in MemAvailable (before training)."""
     available = mem_available() if available is None else available

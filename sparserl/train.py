@@ -38,11 +38,10 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, loggers, probe, runs, sparsity
+from sparserl import agents, checkpoint, envs, loggers, probe, replay, runs, sparsity
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import Config, ConfigError, flatten, to_yaml
-from sparserl.replay import FrameReplay, ReplayBuffer, check_fits
 
 BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
                 "eval_episodes")
@@ -167,7 +166,7 @@ class Seed:
     run_dir: Path
     env: envs.Env
     eval_env: envs.Env
-    buffer: ReplayBuffer | FrameReplay
+    buffer: replay.ReplayBuffer | replay.FrameReplay
     normalizer: envs.RunningMeanStd
     sample_rng: np.random.Generator
     action_rng: np.random.Generator
@@ -196,35 +195,31 @@ def reset_state(cfg: Config, state, count: int, obs_dim: int, action_dim: int):
     return state._replace(**{f: getattr(fresh, f) for f in fields})
 
 
-def make_buffer(cfg: Config, env: envs.Env) -> ReplayBuffer | FrameReplay:
-    capacity = min(cfg.buffer_size, cfg.agent_steps)
-    if cfg.pixels:
-        size = cfg.render.size
-        return FrameReplay(capacity, (size, size, 3), cfg.frame_stack, env.action_dim, cfg.n_step, cfg.gamma)
-    return ReplayBuffer(capacity, env.obs_dim, env.action_dim)
-
-
 def check_memory(cfg: Config, num_seeds: int, action_dim: int, log: Callable[[str], None]) -> None:
     """Pixels: print the frame replay's memory and refuse (ConfigError) a buffer that cannot fit."""
     if not cfg.pixels:
         return
-    size = cfg.render.size
-    per = FrameReplay.bytes_per_transition((size, size, 3), action_dim)
-    need = num_seeds * (min(cfg.buffer_size, cfg.agent_steps) + cfg.frame_stack) * per
-    available = check_fits(need, f"frame replay ({num_seeds} x {min(cfg.buffer_size, cfg.agent_steps):,} transitions)")
+    size, capacity = cfg.render.size, replay.capacity(cfg)
+    per = replay.FrameReplay.bytes_per_transition((size, size, 3), action_dim)
+    need = num_seeds * (capacity + cfg.frame_stack) * per
+    available = replay.check_fits(need, f"frame replay ({num_seeds} x {capacity:,} transitions)")
     avail = "unknown" if available is None else f"{available / 1e9:.1f} GB"
     log(f"pixels: MUJOCO_GL={envs.gl_backend()}, render.fast={str(cfg.render.fast).lower()}; frame replay "
         f"{per * 1e6 / 1e9:.1f} GB per million transitions (uint8 {size}x{size}x3 frames stored once); "
         f"this run: {need / 1e9:.2f} GB, memory available: {avail}")
 
 
-def _make_seed(cfg: Config) -> Seed:
-    env = envs.make_for(cfg, envs.derive_seed(cfg.seed, 0))
-    eval_env = envs.make_for(cfg, envs.derive_seed(cfg.seed, 1))
-    return Seed(cfg, cfg.resolved_run_dir, env, eval_env, make_buffer(cfg, env),
-                envs.RunningMeanStd(1 if cfg.pixels else env.obs_dim),
-                np.random.default_rng(envs.derive_seed(cfg.seed, 2)),
-                np.random.default_rng(envs.derive_seed(cfg.seed, 3)))
+def _make_seeds(seed_cfgs: list[Config], log: Callable[[str], None]) -> list[Seed]:
+    """Each seed's envs first, then -- once the memory check has passed -- the replay buffers, so a
+    buffer that cannot fit is refused with one line instead of failing to allocate."""
+    pairs = [(envs.make_for(c, envs.derive_seed(c.seed, 0)), envs.make_for(c, envs.derive_seed(c.seed, 1)))
+             for c in seed_cfgs]
+    check_memory(seed_cfgs[0], len(seed_cfgs), pairs[0][0].action_dim, log)
+    return [Seed(c, c.resolved_run_dir, env, eval_env, replay.for_config(c, env.obs_dim, env.action_dim),
+                 envs.RunningMeanStd(1 if c.pixels else env.obs_dim),
+                 np.random.default_rng(envs.derive_seed(c.seed, 2)),
+                 np.random.default_rng(envs.derive_seed(c.seed, 3)))
+            for c, (env, eval_env) in zip(seed_cfgs, pairs)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,8 +467,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             "same step, which variable-length episodes rarely do; run one seed per process for regular checkpoints")
     cfg0 = seed_cfgs[0]  # static config of the jitted functions (only the seed differs between seeds)
     agent = agents.get(cfg.agent)
-    seeds = [_make_seed(c) for c in seed_cfgs]
-    check_memory(cfg, len(seeds), seeds[0].env.action_dim, log)
+    seeds = _make_seeds(seed_cfgs, log)
     obs_dim, action_dim = seeds[0].env.obs_dim, seeds[0].env.action_dim
     single_states = [agent.init(c, obs_dim, action_dim) for c in seed_cfgs]
     stats = [model_stats(st) for st in single_states]
