@@ -26,7 +26,42 @@ def init_dense(key, in_dim: int, out_dim: int, kernel_init=None) -> dict:
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:
-    return x @ p["kernel"] + p["bias"]
+    return _matmul(x, p["kernel"]) + p["bias"]
+
+
+def _tiled_transpose(x: jax.Array) -> jax.Array:
+    """``x.T`` for a 2-D ``x``, moved in square tiles when a tile size divides both dimensions: XLA:CPU
+    moves a plain transpose element by element (~0.6 ms for 256x2048 on the benchmark machine), a
+    tiled one about 6x faster."""
+    rows, cols = x.shape
+    for tile in (16, 8):
+        if rows % tile == 0 and cols % tile == 0:
+            tiles = x.reshape(rows // tile, tile, cols // tile, tile)
+            return tiles.transpose(2, 3, 0, 1).reshape(cols, rows)
+    return x.T
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` whose kernel gradient multiplies an explicitly transposed ``x``.
+
+    The kernel gradient ``x.T @ g`` contracts the batch axis, the leading axis of ``x``; XLA:CPU's
+    matmul runs that form at ~0.75 of its plain rate (it repacks ``x`` on the fly), and transposing
+    ``x`` first costs less than the difference. Values are the same as autodiff's up to rounding."""
+    return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return g @ kernel.T, _tiled_transpose(rows_x) @ rows_g
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def init_layer_norm(dim: int) -> dict:

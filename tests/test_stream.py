@@ -240,14 +240,19 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
 
 def test_learns_inverted_pendulum_in_20k_steps(tmp_path):
+    # Three seeds, judged together: a streaming run is chaotic, so a rounding-level change in any
+    # kernel (an XLA version, a fusion option) moves one seed's 20k-step return by hundreds; a
+    # single seed would test luck. Seeds 0-7 reached 208-906 (median ~480) in development.
     cfg = config.from_args(str(ROOT / "configs" / "stream_ac.yaml"), [
         "env=gym:InvertedPendulum-v5", "env_steps=20000", "eval_every=5000", "progress=false",
-        f"run_dir={tmp_path / 'ip'}"])
-    summary = train.train(cfg, log=lambda m: None)
-    rows = metrics_rows(tmp_path / "ip")
-    first, last = float(rows[0]["eval_return"]), float(rows[-1]["eval_return"])
-    assert first < 150, first  # a near-random policy balances for a few dozen steps
-    assert last > 3 * first and summary["final_return"] > 300, (first, last, summary["final_return"])
+        "seeds=0,1,2", f"run_dir={tmp_path / 'ip'}"])
+    finals = [s["final_return"] for s in train.train(cfg, log=lambda m: None)]
+    for i in range(3):
+        rows = metrics_rows(tmp_path / "ip" / f"seed{i}")
+        first, last = float(rows[0]["eval_return"]), float(rows[-1]["eval_return"])
+        assert first < 150, (i, first)  # a near-random policy balances for a few dozen steps
+        assert last > 3 * first, (i, first, last)  # every seed learns
+    assert np.median(finals) > 300, finals
 
 
 class TinyEnv(gymnasium.Env):

@@ -59,7 +59,9 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
 
 
 def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+    # vdot, not sum(square(x)): XLA:CPU materialises square(x) before a reduction (another full pass
+    # over every gradient); a dot reads x once.
+    return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def step_module(cfg: Config, module: Module, grads) -> tuple[Module, jax.Array]:
@@ -95,5 +97,10 @@ def polyak(target, online, tau: float):
 
 
 def scan_updates(update_step, state, batches: Batch, stats: ObsStats, cfg: Config):
-    """K gradient steps in one call: batches carry a leading axis K; metrics come back stacked."""
-    return jax.lax.scan(lambda s, b: update_step(s, b, stats, cfg), state, batches)
+    """K gradient steps in one call: batches carry a leading axis K; metrics come back stacked.
+
+    Up to 4 steps are unrolled: in a rolled XLA while loop each step copies the loop-carried critic
+    parameters (the old ones are still read after the new ones are written), and unrolled steps also
+    fuse across the step boundary. Unrolling more only lengthens compilation."""
+    return jax.lax.scan(lambda s, b: update_step(s, b, stats, cfg), state, batches,
+                        unroll=min(batches.reward.shape[0], 4))
