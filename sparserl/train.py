@@ -397,6 +397,23 @@ class SeedGroup:
         """The action of seed ``i`` alone (videos)."""
         return np.asarray(self.single_policy(self.actor_params(i), obs, stats, self.keys[i], 0, deterministic))
 
+    def compile(self, batches: list, stats: list[ObsStats]) -> None:
+        """Compile the update and both policies for these argument shapes (example ``batches``, one per
+        seed) ahead of the first step, so that steps/s, the ETA and the time shares measure training,
+        not XLA compilation (seconds, more for large networks). Nothing runs and nothing is donated:
+        the later calls find the executables in JAX's cache."""
+        step, obs = jnp.int32(0), [b.obs[0, 0] for b in batches]  # one observation as the env gives it
+        if self.vmapped:
+            self.learn_fn.lower(self.states, self.sums, _stack(batches), _stack(stats), step).compile()
+            calls = [(agents.policy_params(self.states), np.stack(obs), _stack(stats), self.keys)]
+        else:
+            for st, sums, b, ss in zip(self.states[:1], self.sums, batches, stats):
+                self.learn_fn.lower(st, sums, b, ss, step).compile()
+            calls = [(agents.policy_params(self.states[0]), obs[0], stats[0], self.keys[0])]
+        for deterministic in (False, True):
+            for args in calls:
+                self.policy.lower(*args, 0, deterministic).compile()
+
     def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
         step = jnp.int32(step)
         if self.vmapped:
@@ -533,10 +550,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
     writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
     columns = metric_columns(cfg0)
-    row_start, row_start_step = time.perf_counter(), start_step
+    name = seeds[0].run_dir.name if len(seeds) == 1 else f"{len(seeds)} seeds"
     start = time.perf_counter() - wall_offset
     next_checkpoint = (start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    name = seeds[0].run_dir.name if len(seeds) == 1 else f"{len(seeds)} seeds"
     bar = tqdm(total=cfg.env_steps, initial=start_step * cfg.action_repeat, unit="step", disable=not cfg.progress,
                dynamic_ncols=True, desc=name[:40], file=sys.stderr)
 
@@ -586,6 +602,14 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         log(f"[{name}] env_step {env_step}: reset actor and critic (reset {count})")
 
     try:
+        if start_step < cfg.agent_steps:
+            bar.set_postfix_str("compiling the update", refresh=True)
+            t = time.perf_counter()
+            group.compile([s.buffer.gather(np.zeros((cfg.utd, cfg.batch_size), np.int64)) for s in seeds],
+                          [s.obs_stats() for s in seeds])
+            timers.add("compile", t)
+            bar.set_postfix_str("", refresh=False)
+        row_start, row_start_step = time.perf_counter(), start_step
         for agent_step in range(start_step, cfg.agent_steps):
             t = time.perf_counter()
             for s in seeds:
