@@ -282,3 +282,57 @@ def test_ddpg_policy_and_noise():
     assert (np.abs(noisy) <= 1).all()
     inside = np.abs(det) < 0.5  # away from the clip, the noise is N(0, 0.1^2)
     assert np.std((noisy - det)[inside]) == pytest.approx(0.1, rel=0.15)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU speed choices of the update (docs/agents.md): same values as plain autodiff
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape", [((256, 512), (512, 2048)), ((3, 7), (7, 5)),
+                                                    ((4, 32, 88), (88, 48)), ((24, 40), (40, 16))])
+def test_dense_gradients_match_plain_autodiff(x_shape, kernel_shape):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    p = {"kernel": jax.random.normal(kk, kernel_shape), "bias": jnp.linspace(-1, 1, kernel_shape[1])}
+    g = jax.random.normal(kg, (*x_shape[:-1], kernel_shape[1]))
+
+    def loss(dense_fn):
+        return lambda p, x: jnp.sum(jnp.tanh(dense_fn(p, x)) * g)
+
+    ours = jax.grad(loss(networks.dense), argnums=(0, 1))(p, x)
+    plain = jax.grad(loss(lambda p, x: x @ p["kernel"] + p["bias"]), argnums=(0, 1))(p, x)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # and under vmap (stacked seeds)
+    xs, ps = jnp.stack([x, 2 * x]), jax.tree_util.tree_map(lambda a: jnp.stack([a, -a]), p)
+    batched = jax.vmap(jax.grad(loss(networks.dense)))(ps, xs)
+    np.testing.assert_allclose(np.asarray(batched["kernel"][0]), np.asarray(ours[0]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(256, 2048), (16, 8), (88, 256), (7, 3)])
+def test_tiled_transpose_is_the_transpose(shape):
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    assert np.array_equal(np.asarray(networks._tiled_transpose(x)), np.asarray(x).T)
+
+
+def test_global_norm_is_the_euclidean_norm_of_all_leaves():
+    tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": [jnp.float32(-2.0), jnp.ones(5)]}
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree_util.tree_leaves(tree)))
+    assert float(common.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_importing_sparserl_turns_on_multi_output_fusion_unless_told_not_to():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sparserl; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SPARSERL_XLA_TUNING")}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "xla_cpu_use_multi_output_fusion" in on
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "SPARSERL_XLA_TUNING": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "xla_cpu_use_multi_output_fusion" not in off
+    own = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_FLAGS": "--xla_backend_extra_options=x"},
+                         capture_output=True, text=True, check=True).stdout
+    assert own.strip() == "--xla_backend_extra_options=x"  # a user's own extra options are left alone
