@@ -405,14 +405,12 @@ class SeedGroup:
         step, obs = jnp.int32(0), [b.obs[0, 0] for b in batches]  # one observation as the env gives it
         if self.vmapped:
             self.learn_fn.lower(self.states, self.sums, _stack(batches), _stack(stats), step).compile()
-            calls = [(agents.policy_params(self.states), np.stack(obs), _stack(stats), self.keys)]
-        else:
-            for st, sums, b, ss in zip(self.states[:1], self.sums, batches, stats):
-                self.learn_fn.lower(st, sums, b, ss, step).compile()
-            calls = [(agents.policy_params(self.states[0]), obs[0], stats[0], self.keys[0])]
+            policy_args = (agents.policy_params(self.states), np.stack(obs), _stack(stats), self.keys)
+        else:  # every seed has the same shapes: one compilation serves them all
+            self.learn_fn.lower(self.states[0], self.sums[0], batches[0], stats[0], step).compile()
+            policy_args = (agents.policy_params(self.states[0]), obs[0], stats[0], self.keys[0])
         for deterministic in (False, True):
-            for args in calls:
-                self.policy.lower(*args, 0, deterministic).compile()
+            self.policy.lower(*policy_args, 0, deterministic).compile()
 
     def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
         step = jnp.int32(step)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,10 +326,6 @@ def test_global_norm_is_the_euclidean_norm_of_all_leaves():
 
 
 def test_importing_sparserl_turns_on_multi_output_fusion_unless_told_not_to():
-    import os
-    import subprocess
-    import sys
-
     code = "import os, sparserl; print(os.environ.get('XLA_FLAGS', ''))"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SPARSERL_XLA_TUNING")}
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -2,7 +2,9 @@
 
 import csv
 import json
+import time
 
+import jax.monitoring
 import numpy as np
 import pytest
 import yaml
