@@ -9,9 +9,11 @@ silently overwritten) and the previous good one is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +29,39 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in [path, *path.parents]:
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+class DiskFull(RuntimeError):
+    """The disk filled up while a run wrote its files; what was written before (the previous
+    checkpoint included) is intact and the run resumes once there is space."""
+
+    @classmethod
+    def of(cls, e: OSError, need: int | None = None) -> "DiskFull":
+        path = Path(e.filename) if e.filename else None
+        free = _free_bytes(path) if path else None
+        size = (f"needs about {_mb(need)}" if need else "needs more space") + (f", {_mb(free)} free" if free is not None
+                                                                              else "")
+        where = str(path) if path else "a run file"
+        return cls(f"no space left on the device writing {where} ({size}); the previous checkpoint is kept: "
+                   f"free some space and rerun the same command to resume")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -37,10 +72,14 @@ def _sha256(path: Path) -> str:
 
 def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, a kill signal: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -74,9 +113,17 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[s
     for stale in directory.glob("*.tmp"):  # left by a kill during an earlier write
         stale.unlink()
     npz = directory / f"step_{step:010d}.npz"
-    _write_atomic(npz, lambda f: np.savez(f, **arrays))
-    meta = {**meta, "format": FORMAT, "step": step, "npz_sha256": _sha256(npz), "npz_bytes": npz.stat().st_size}
-    _write_atomic(directory / f"step_{step:010d}.json", lambda f: f.write(json.dumps(meta)), mode="w")
+    try:
+        _write_atomic(npz, lambda f: np.savez(f, **arrays))
+        meta = {**meta, "format": FORMAT, "step": step, "npz_sha256": _sha256(npz), "npz_bytes": npz.stat().st_size}
+        _write_atomic(directory / f"step_{step:010d}.json", lambda f: f.write(json.dumps(meta)), mode="w")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        npz.unlink(missing_ok=True)  # no JSON marker was written: this checkpoint never existed
+        if e.filename is None:
+            e.filename = str(npz)
+        raise DiskFull.of(e, sum(a.nbytes for a in arrays.values()) + (1 << 16)) from None
     for old in complete_steps(directory)[:-keep]:
         for suffix in (".npz", ".json"):
             (directory / f"step_{old:010d}{suffix}").unlink(missing_ok=True)

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import textwrap
 from typing import Any
 
-from sparserl import hugepages
-from sparserl.config import Config, ConfigError, from_args
+from sparserl import hugepages, preflight
+from sparserl.config import Config, ConfigError, from_args, parse_overrides
 from sparserl.sweep import SWEEP_KEYS
 
 EXIT_USAGE = 2
+MAX_PLASTICITY_STEPS = 10_000_000
+MAX_INITS = 10_000
+# The config keys `diagnose --simplicity` reads (anything else would be ignored silently).
+SIMPLICITY_KEYS = ("arch", "critic.blocks", "seed", "sparsity.method", "sparsity.budget", "sparsity.draw")
 EXIT_FAULT = 3  # a run stopped on NaN/inf; its last good checkpoint is kept
+EXIT_DISK_FULL = 4  # the disk filled up; the previous checkpoint is kept, rerun to resume
 
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
@@ -29,7 +35,8 @@ TRAIN_EPILOG = textwrap.dedent("""\
       sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
 
     Rerunning the same command on an existing run directory resumes it from its last checkpoint.
-    Exit codes: 0 done, 2 bad input (nothing written), 3 stopped on NaN/inf (last good checkpoint kept).
+    Exit codes: 0 done, 2 bad input (nothing written), 3 stopped on NaN/inf or a physics error (last good
+    checkpoint kept), 4 out of disk space (previous checkpoint kept; free space and rerun to resume).
 
     Every key, its default and allowed values: docs/config.md (or `sparserl inspect --keys`).""")
 
@@ -85,15 +92,19 @@ def _config(args: list[str], base: dict[str, Any] | None = None) -> Config:
 
 
 def cmd_train(ns) -> int:
-    from sparserl import train
+    from sparserl import checkpoint, rundir, train
 
     cfg = _config(ns.overrides)
     train.check_run_dirs(cfg)
+    preflight.check_model_fits(cfg)  # before anything is allocated or written
     try:
         summaries = train.train(cfg)
-    except train.NumericalFault as e:
+    except rundir.NumericalFault as e:
         print(f"sparserl: stopped: {e}", file=sys.stderr)
         return EXIT_FAULT
+    except checkpoint.DiskFull as e:
+        print(f"sparserl: stopped: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
     for c, summary in zip(cfg.per_seed(), summaries if isinstance(summaries, list) else [summaries]):
         print(f"final_return {summary['final_return']:.1f} ± {summary['final_return_ci95']:.1f} (95% CI, "
               f"{summary['final_eval_episodes']} episodes); run directory: {c.resolved_run_dir}")
@@ -122,8 +133,8 @@ def cmd_diagnose(ns) -> int:
 
     from sparserl import diagnose
 
-    if ns.plasticity_steps < 1:
-        raise ConfigError(f"--plasticity-steps={ns.plasticity_steps}: must be a positive integer")
+    if not 1 <= ns.plasticity_steps <= MAX_PLASTICITY_STEPS:
+        raise ConfigError(f"--plasticity-steps={ns.plasticity_steps}: must be an integer in [1, {MAX_PLASTICITY_STEPS:,}]")
     if ns.simplicity:
         try:
             widths = [int(w) for w in ns.widths.split(",")]
@@ -133,9 +144,16 @@ def cmd_diagnose(ns) -> int:
         if not widths or not sparsities or any(w <= 0 for w in widths) or any(not 0 <= x < 1 for x in sparsities):
             raise ConfigError(f"--widths={ns.widths!r} --sparsities={ns.sparsities!r}: comma-separated positive "
                               f"integers and numbers in [0, 1), e.g. --widths 64,256 --sparsities 0,0.9")
-        if ns.inits < 1:
-            raise ConfigError(f"--inits={ns.inits}: must be a positive integer")
+        if not 1 <= ns.inits <= MAX_INITS:
+            raise ConfigError(f"--inits={ns.inits}: must be an integer in [1, {MAX_INITS}]")
+        preset, overrides = _split_args(ns.targets)
+        unused = [k for k in parse_overrides(overrides) if k not in SIMPLICITY_KEYS]
+        if unused:  # e.g. critic.width: the widths are --widths
+            raise ConfigError(f"{unused[0]}: not used by --simplicity, which reads {', '.join(SIMPLICITY_KEYS)} "
+                              f"(widths and sparsities: --widths, --sparsities)")
         base = _config(ns.targets, {"env": "cartpole-balance"})
+        preflight.check_output_dir(Path(ns.out), "--out")  # before any work
+        preflight.check_simplicity_fits(widths, base.critic.blocks, base.arch)
         rows = diagnose.simplicity_grid(widths, sparsities, base, ns.inits, Path(ns.out))
         print(f"{'width':>6} {'sparsity':>8} {'simplicity':>10}")
         for r in rows:
@@ -144,10 +162,15 @@ def cmd_diagnose(ns) -> int:
         return 0
     if not ns.targets:
         raise ConfigError("diagnose: give one or more RUN_DIRs, or --simplicity")
+    from sparserl import runs
+
     for target in ns.targets:
         run_dir = Path(target)
         if not run_dir.is_dir():
-            raise ConfigError(f"RUN_DIR {target!r}: no such directory")
+            raise ConfigError(f"RUN_DIR {target!r}: " + ("not a directory" if run_dir.exists() else "no such directory"))
+        if (run_dir / "config.yaml").exists():
+            runs.read_config(run_dir)  # a damaged config.yaml: one line, before any work
+        preflight.check_output_dir(run_dir / "diagnose", f"RUN_DIR {target!r}: diagnose/")
     for target in ns.targets:
         result = diagnose.diagnose_run(Path(target), ns.plasticity_steps if ns.plasticity else None)
         print(f"== {target} (env step {result['env_step']})")
@@ -183,10 +206,18 @@ def cmd_sweep(ns) -> int:
     options, overrides = sweep.split_args(ns.overrides)
     opts = sweep.parse_options(options, str(path))
     grid = sweep.expand(path, opts["scale"], overrides)
+    if ns.device_gflops is not None and not (math.isfinite(ns.device_gflops) and ns.device_gflops > 0):
+        raise ConfigError(f"--device-gflops={ns.device_gflops}: must be a positive number of GFLOP/s")
+    if (ns.bench or ns.device_gflops is not None) and not ns.dry_run:
+        raise ConfigError(f"{'--bench' if ns.bench else '--device-gflops'}: only used with --dry-run")
     if ns.dry_run:
         rate = sweep.rate_from_bench(ns.bench) if ns.bench else ns.device_gflops
         sweep.dry_run(grid, rate)
         return 0
+    from sparserl import loggers
+
+    for point in grid.points:  # e.g. log.wandb=true without credentials: refused here, not in every run's log
+        loggers.check_available(point.config(point.seeds[0], Path(opts["sweep_dir"])))
     result = sweep.execute(grid, Path(opts["sweep_dir"]), opts["executor"], opts["workers"], opts["group_seeds"],
                            opts["retry_failed"], opts["address"], opts["cpus_per_run"], opts["gpus_per_run"])
     print(f"report: sparserl report {opts['sweep_dir']}")
@@ -198,6 +229,9 @@ def cmd_report(ns) -> int:
 
     from sparserl import report
 
+    if not report.MIN_BOOTSTRAP <= ns.bootstrap <= report.MAX_BOOTSTRAP:
+        raise ConfigError(f"--bootstrap={ns.bootstrap}: use between {report.MIN_BOOTSTRAP} and "
+                          f"{report.MAX_BOOTSTRAP:,} resamples")
     out = report.write_report([Path(d) for d in ns.dirs], Path(ns.out) if ns.out else None, ns.bootstrap)
     print(f"report: {out / 'report.html'}")
     return 0
@@ -210,8 +244,16 @@ def cmd_demo(ns) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line ``sparserl: error: ...`` (exit 2), like every other mistake."""
+
+    def error(self, message: str):
+        print(f"sparserl: error: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparserl",
         description="Train, sweep, report on and diagnose statically sparse deep-RL agents "
                     "(SAC, DDPG on SimBa networks; streaming Stream AC(λ)).",
@@ -303,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except ConfigError as e:
-        print(f"sparserl: error: {e}", file=sys.stderr)
+        print(f"sparserl: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sparserl: interrupted", file=sys.stderr)

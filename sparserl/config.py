@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ class SACConfig:
 @dataclass(frozen=True)
 class DDPGConfig:
     noise_std: float = _opt(0.1, low=0.0, doc="std of the Gaussian exploration noise")
+    policy_noise: float = _opt(0.1, low=0.0, doc="std of the Gaussian noise added to the policy's action in the actor "
+                                                 "loss and the TD target, clipped to [-1, 1] after adding (the "
+                                                 "reference's: the exploration std, 0.1); 0 = noiseless")
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ class StreamConfig:
 class DrQv2Config:
     std_start: float = _opt(1.0, low=0.0, doc="exploration std at the start of learning (linear schedule)")
     std_end: float = _opt(0.1, low=0.0, doc="exploration std at the end of the schedule")
-    std_steps: int = _opt(500_000, low=1, doc="env steps over which the exploration std decays from std_start to std_end")
+    std_steps: int = _opt(500_000, low=1, doc="agent steps (not env steps) over which the exploration std decays "
+                                              "from std_start to std_end (DrQ-v2: 500k agent steps = 1M frames)")
     std_clip: float = _opt(0.3, low=0.0, doc="clip of the policy noise in the actor loss and TD targets")
     aug_pad: int = _opt(4, low=0, doc="random-shift augmentation: pad by this many pixels (replicate), crop back")
 
@@ -144,12 +149,18 @@ class Config:
                                   "single-seed runs), auto = loop on CPU, vmap elsewhere")
     env_steps: int = _opt(1_000_000, low=1, doc="environment steps to train for (before action repeat)")
     action_repeat: int = _opt(2, low=1, doc="environment steps per agent step")
-    utd: int = _opt(2, low=1, doc="gradient updates per agent step")
+    utd: int = _opt(2, low=1, doc="gradient updates per update call (every update_every agent steps)")
+    update_every: int = _opt(1, low=1, doc="replay agents: run the utd gradient updates every this many agent steps "
+                                           "after warm-up (drqv2 default 2, as DrQ-v2)")
     batch_size: int = _opt(256, low=1, doc="minibatch size")
     buffer_size: int = _opt(1_000_000, low=1, doc="replay capacity (agent transitions)")
     warmup_steps: int = _opt(5_000, low=0, doc="random-action agent steps before learning")
     lr: float = _opt(1e-4, low=0.0, low_open=True, doc="AdamW learning rate (actor, critic, temperature)")
-    weight_decay: float = _opt(1e-2, low=0.0, doc="AdamW decoupled weight decay (kernels only)")
+    weight_decay: float = _opt(1e-2, low=0.0, doc="AdamW decoupled weight decay (on the parameters weight_decay_on "
+                                                  "names)")
+    weight_decay_on: str = _opt("all", choices=("all", "kernels"),
+                                doc="parameters AdamW decays: all (biases and LayerNorm too, as the reference's optax "
+                                    "adamw) or kernels only; pruned weights stay zero either way")
     gamma: float = _opt(0.99, low=0.0, high=1.0, doc="discount")
     tau: float = _opt(0.005, low=0.0, high=1.0, doc="Polyak rate of the target critic")
     arch: str = _opt("simba", choices=("simba", "mlp"), doc="network architecture of actor and critic")
@@ -285,6 +296,10 @@ def _convert(key: str, value: Any, tp) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
+            try:  # exact for long digit strings (a float would round 99999999999999999999)
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
             try:
                 number = float(value.replace("_", ""))
             except ValueError:
@@ -297,7 +312,7 @@ def _convert(key: str, value: Any, tp) -> Any:
             raise bad
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad from None
         if not math.isfinite(number):
             raise ConfigError(f"{key}={value!r}: must be a finite number")
@@ -346,27 +361,109 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _control_char(text: str) -> str | None:
+    """The first control character, line/paragraph separator or lone surrogate (undecodable byte) in ``text``."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     out = {}
     for arg in args:
         key, sep, value = arg.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ConfigError(f"{arg!r}: overrides are key=value (e.g. critic.sparsity=0.9)")
-        out[key.strip()] = value.strip()
+        if _control_char(arg) is not None:
+            raise ConfigError(f"{arg!r}: contains a control character or invalid UTF-8")
+        if value[:1] in ("[", "{"):  # a YAML list (sweep axes: env=[a,b]) or mapping must be complete
+            try:
+                parsed = yaml.load(value, Loader=_UniqueKeyLoader)
+            except (yaml.YAMLError, ValueError, TypeError, RecursionError):
+                parsed = None
+            if not isinstance(parsed, list if value[0] == "[" else dict):
+                kind = "list" if value[0] == "[" else "mapping"
+                example = f"{key}=[a,b]" if kind == "list" else f"{key}={{a: 1}}"
+                raise ConfigError(f"{arg!r}: malformed or unterminated {kind}; write e.g. {example} "
+                                  f"(quoted in the shell)")
+        out[key] = value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if (key_node.tag, key_node.value) in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                    seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep)
+
+
+MAX_YAML_BYTES = 16 * 2**20
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document of a file (duplicate keys refused), or a one-line ConfigError starting with
+    ``what`` when it is not a readable UTF-8 YAML file."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{what}: is a directory, not a YAML file")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{what}: {path.stat().st_size:,} bytes is too large for a YAML config")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: not UTF-8 text (invalid byte at offset {e.start}); not a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{what}: invalid YAML ({e.problem or e.context or type(e).__name__}{where})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: invalid YAML ({' '.join(str(e).split())})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. a date 2024-13-01
+        raise ConfigError(f"{what}: invalid YAML ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"preset {str(path)!r}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"preset {str(path)!r}: invalid YAML ({str(e).splitlines()[0]})") from None
+    what = f"preset {str(path)!r}"
+    if not path.exists():
+        raise ConfigError(f"{what}: no such file" + (" (a dangling symlink or a symlink loop)" if path.is_symlink() else ""))
+    data = read_yaml(path, what)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"preset {str(path)!r}: expected a mapping of config keys")
-    return flatten(data)
+        raise ConfigError(f"{what}: expected a mapping of config keys (key: value lines), not a {type(data).__name__}")
+    return flatten_unique(data, what)
+
+
+def flatten_unique(tree: dict, what: str) -> dict[str, Any]:
+    """:func:`flatten` of a YAML mapping, refusing a key set twice (``critic: {width: 1}`` and
+    ``critic.width: 2``) and structures that nest too deeply or contain themselves."""
+    try:
+        keys = list(_leaf_keys(tree))
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply (or refers to itself)") from None
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ConfigError(f"{what}: key {twice!r} is given twice (nested and dotted)")
+    return flatten(tree)
+
+
+def _leaf_keys(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, prefix + str(k) + ".")
+        else:
+            yield prefix + str(k)
 
 
 # Defaults of an agent that differ from the top-level ones (applied under the user's values when
@@ -374,7 +471,8 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 AGENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "drqv2": {"pixels": True, "obs_norm": False, "arch": "mlp", "actor.width": 1024, "actor.blocks": 1,
               "critic.width": 1024, "critic.blocks": 1, "critic.cdq": True, "lr": 1e-4, "weight_decay": 0.0,
-              "tau": 0.01, "utd": 1, "n_step": 3, "warmup_steps": 2000, "action_repeat": 2},
+              "tau": 0.01, "utd": 1, "update_every": 2, "n_step": 3, "warmup_steps": 2000, "action_repeat": 2,
+              "final_eval_episodes": 10},
 }
 
 
@@ -411,6 +509,42 @@ def _from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
+MAX_SEED = 2**31 - 1  # what every RNG takes (JAX keys, NumPy SeedSequence, MuJoCo/Gymnasium envs)
+MAX_NUM_SEEDS = 1000
+
+# Sections that only one kind of agent reads: setting one of their keys for another agent is refused.
+AGENT_SECTIONS = {"sac": ("sac",), "ddpg": ("ddpg",), "stream": ("stream_ac",), "drqv2": ("drqv2",),
+                  "encoder": ("drqv2",), "render": ("drqv2",)}
+
+
+def _check_seeds(cfg: Config) -> None:
+    if cfg.num_seeds > MAX_NUM_SEEDS:
+        raise ConfigError(f"num_seeds={cfg.num_seeds}: at most {MAX_NUM_SEEDS} seeds train together")
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed}: seeds must be at most {MAX_SEED} (2**31-1)")
+    if cfg.sparsity.seed is not None and cfg.sparsity.seed > MAX_SEED:
+        raise ConfigError(f"sparsity.seed={cfg.sparsity.seed}: seeds must be at most {MAX_SEED} (2**31-1)")
+    if cfg.seeds is not None:
+        big = [s for s in cfg.seed_list if s > MAX_SEED]
+        if big or len(cfg.seed_list) > MAX_NUM_SEEDS:
+            raise ConfigError(f"seeds={cfg.seeds if len(cfg.seeds) < 80 else cfg.seeds[:77] + '...'}: "
+                              f"at most {MAX_NUM_SEEDS} seeds, each at most {MAX_SEED} (2**31-1)")
+    elif cfg.seed + cfg.num_seeds - 1 > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} num_seeds={cfg.num_seeds}: the last seed would exceed {MAX_SEED} (2**31-1)")
+
+
+def _check_agent_sections(cfg: Config) -> None:
+    defaults = Config()
+    for section, owners in AGENT_SECTIONS.items():
+        if cfg.agent in owners:
+            continue
+        value, default = getattr(cfg, section), getattr(defaults, section)
+        for f in dataclasses.fields(value):
+            if getattr(value, f.name) != getattr(default, f.name):
+                raise ConfigError(f"{section}.{f.name}={getattr(value, f.name)!r}: applies to "
+                                  f"agent={' or '.join(owners)} only, not agent={cfg.agent}")
+
+
 def validate(cfg: Config, check_env: bool = True) -> None:
     """Checks that span several keys (single-key ranges are checked on assignment)."""
     for key, (tp, f) in schema().items():
@@ -422,6 +556,24 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         parts = [p.strip() for p in cfg.seeds.split(",")]
         if not all(p.isdigit() for p in parts) or len({int(p) for p in parts}) != len(parts):
             raise ConfigError(f"seeds={cfg.seeds!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2,3")
+        if cfg.num_seeds != 1:
+            raise ConfigError(f"seeds={cfg.seeds} and num_seeds={cfg.num_seeds}: give one of them (seeds= lists the "
+                              f"seeds, num_seeds= counts up from seed=)")
+    _check_seeds(cfg)
+    for key in ("env", "log.wandb_project"):
+        value = cfg.env if key == "env" else cfg.log.wandb_project
+        if _control_char(value) is not None:
+            raise ConfigError(f"{key}={value!r}: contains a control character")
+    if cfg.agent != "stream_ac" and cfg.buffer_size < cfg.batch_size:
+        raise ConfigError(f"buffer_size={cfg.buffer_size}: smaller than batch_size={cfg.batch_size}; a minibatch "
+                          f"would repeat transitions (raise buffer_size or lower batch_size)")
+    _check_agent_sections(cfg)
+    if cfg.name is not None and (cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\")
+                                 or any(ord(c) < 32 or ord(c) == 127 for c in cfg.name)):
+        raise ConfigError(f"name={cfg.name!r}: must be a plain file name (no path separators or control characters, "
+                          f"not . or ..); put a path in run_dir= instead")
+    if cfg.run_dir is not None and (cfg.run_dir == "" or any(ord(c) < 32 or ord(c) == 127 for c in cfg.run_dir)):
+        raise ConfigError(f"run_dir={cfg.run_dir!r}: must be a non-empty path without control characters")
     if cfg.env_steps < cfg.action_repeat:
         raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")
     if cfg.sac.log_std_min >= cfg.sac.log_std_max:

@@ -78,6 +78,24 @@ class Env:
         raise NotImplementedError
 
 
+class EnvFault(RuntimeError):
+    """The simulation cannot go on: a non-finite action, a physics error (a NaN state, a diverging
+    simulation) or a non-finite observation. The training loop turns it into a numerical fault."""
+
+
+def _checked_action(action) -> np.ndarray:
+    action = np.asarray(action, np.float64)
+    if not np.isfinite(action).all():
+        raise EnvFault("action (the policy output NaN/inf)")
+    return action
+
+
+def _checked_obs(obs: np.ndarray) -> np.ndarray:
+    if not np.isfinite(obs).all():
+        raise EnvFault("observation (the simulation returned NaN/inf)")
+    return obs
+
+
 def _flatten(observation) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float32).ravel() for v in observation.values()])
 
@@ -116,15 +134,20 @@ class DMCEnv(Env):
                                          state["has_gauss"], state["cached_gaussian"]))
 
     def step(self, action):
-        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        from dm_control.rl.control import PhysicsError
+
+        action = self._low + (_checked_action(action) + 1.0) * 0.5 * (self._high - self._low)
         reward = 0.0
         for _ in range(self.action_repeat):
-            ts = self._env.step(action)
+            try:
+                ts = self._env.step(action)
+            except PhysicsError as e:
+                raise EnvFault(f"physics state (MuJoCo: {str(e).splitlines()[0] if str(e) else 'PhysicsError'})") from None
             reward += ts.reward or 0.0
             if ts.last():
                 terminated = ts.discount == 0.0
-                return _flatten(ts.observation), reward, bool(terminated), not terminated
-        return _flatten(ts.observation), reward, False, False
+                return _checked_obs(_flatten(ts.observation)), reward, bool(terminated), not terminated
+        return _checked_obs(_flatten(ts.observation)), reward, False, False
 
 
 class GymEnv(Env):
@@ -161,14 +184,14 @@ class GymEnv(Env):
             self._env.unwrapped.np_random.bit_generator.state = state["np_random"]
 
     def step(self, action):
-        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        action = self._low + (_checked_action(action) + 1.0) * 0.5 * (self._high - self._low)
         reward = 0.0
         for _ in range(self.action_repeat):
             obs, r, terminated, truncated, _ = self._env.step(action)
             reward += float(r)
             if terminated or truncated:
                 break
-        return np.asarray(obs, np.float32).ravel(), reward, bool(terminated), bool(truncated)
+        return _checked_obs(np.asarray(obs, np.float32).ravel()), reward, bool(terminated), bool(truncated)
 
 
 class PixelEnv(Env):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import agents, envs
+from sparserl import agents, envs, fidelity
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import Config
 
@@ -69,7 +69,10 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
 def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
     from sparserl.train import model_stats
 
+    from sparserl import preflight
+
     env = envs.make_for(cfg, 0)
+    preflight.check_model_fits(cfg, env.obs_dim, env.action_dim, num_seeds=1)  # refuse before allocating
     state = agents.get(cfg.agent).init(cfg, env.obs_dim, env.action_dim)
     report: dict[str, Any] = {"agent": cfg.agent, "env": cfg.env, "obs_dim": env.obs_dim,
                               "action_dim": env.action_dim}
@@ -81,6 +84,9 @@ def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
         nonzero += s["nonzero_params"]
     report["total_params"], report["nonzero_params"] = total, nonzero
     report["flops_per_update"] = update_flops(cfg, state, env.obs_dim, env.action_dim) if flops else None
+    # keys set away from the reference code, where they have an effect (docs/fidelity.md)
+    report["non_reference_options"] = fidelity.non_reference_options(cfg)
+    report["non_reference_details"] = fidelity.describe(cfg)
     return report
 
 
@@ -100,4 +106,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"total: {report['total_params']:,} params, {report['nonzero_params']:,} non-zero")
     if report.get("flops_per_update") is not None:
         lines.append(f"flops_per_update: {report['flops_per_update']:.4g} ({report['flops_per_update'] / 1e9:.2f} GFLOP)")
+    if "non_reference_details" in report:
+        lines.append("non-reference options: " + ("; ".join(report["non_reference_details"]) or "none")
+                     + ("" if not report["non_reference_details"] else " (docs/fidelity.md)"))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,28 @@ def check_available(cfg: Config) -> None:
             __import__(module)
         except ImportError:
             raise ConfigError(f"{key}=true needs the {module} package: pip install 'sparserl[{extra}]'") from None
+    if cfg.log.wandb and cfg.log.wandb_mode == "online" \
+            and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") \
+            and not wandb_credentials():
+        raise ConfigError("log.wandb=true: no Weights & Biases credentials (set WANDB_API_KEY or run `wandb login`), "
+                          "or log offline with log.wandb_mode=offline")
+
+
+def wandb_credentials() -> bool:
+    """Whether an online W&B run could log in: WANDB_API_KEY, or an entry for the W&B host in the
+    netrc file `wandb login` writes (``$NETRC`` or ``~/.netrc``)."""
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError, UnicodeDecodeError):
+        return False
+    return bool(entry and entry[2])
 
 
 class TensorBoardLogger:

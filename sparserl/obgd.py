@@ -9,8 +9,9 @@ bounds the step so that a single update cannot overshoot its TD target:
     θ ← θ + step · δ · e
 
 so that ``step · κ · max(|δ|,1) · ‖e‖₁ ≤ 1`` always (the "effective step" is at most 1/κ per unit of
-TD error). The adaptive variant divides the trace by the square root of a bias-corrected running
-average of (δe)² (β₂ = 0.999) both in ``‖·‖₁`` and in the update.
+TD error). The adaptive variant divides the trace by ``sqrt(v̂ + ε)``, ``v̂`` a bias-corrected running
+average of (δe)² (β₂ = 0.999), both in ``‖·‖₁`` and in the update (ε = 1e-8 inside the root, as the
+reference's ``AdaptiveObGD``: the divisor is at least 1e-4).
 
 Both are optax ``GradientTransformationExtraArgs``: ``update(grads, state, params, delta=δ)``
 returns the *ascent* update ``step·δ·e`` (apply it with ``optax.apply_updates``). The traces live in
@@ -70,8 +71,9 @@ def obgd(alpha: float = 1.0, kappa: float = 2.0, gamma: float = 0.99,
 
 def adaptive_obgd(alpha: float = 1.0, kappa: float = 2.0, gamma: float = 0.99, lamda: float = 0.8,
                   beta2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
-    """Adaptive ObGD: the trace is scaled per parameter by ``1/(sqrt(v̂)+eps)``, v̂ the bias-corrected
-    running average of ``(δe)²``; the bound uses the scaled trace."""
+    """Adaptive ObGD: the trace is scaled per parameter by ``1/sqrt(v̂ + eps)`` (eps inside the root,
+    as the reference), v̂ the bias-corrected running average of ``(δe)²``; the bound uses the scaled
+    trace."""
 
     def init(params):
         zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -83,7 +85,7 @@ def adaptive_obgd(alpha: float = 1.0, kappa: float = 2.0, gamma: float = 0.99, l
         trace = jax.tree_util.tree_map(lambda e, g: gamma * lamda * e + g, state.trace, grads)
         v = jax.tree_util.tree_map(lambda v, e: beta2 * v + (1 - beta2) * jnp.square(delta * e), state.v, trace)
         correction = 1.0 - beta2 ** count.astype(jnp.float32)
-        scaled = jax.tree_util.tree_map(lambda e, v: e / (jnp.sqrt(v / correction) + eps), trace, v)
+        scaled = jax.tree_util.tree_map(lambda e, v: e / jnp.sqrt(v / correction + eps), trace, v)
         step = bounded_step(alpha, kappa, delta, _l1(scaled))
         updates = jax.tree_util.tree_map(lambda s: (step * delta) * s, scaled)
         return updates, AdaptiveObGDState(trace, v, count, step.astype(jnp.float32))

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from sparserl import config, runs
 from sparserl.config import ConfigError
+
+MIN_BOOTSTRAP, MAX_BOOTSTRAP = 100, 100_000  # resamples of the bootstrap CIs (--bootstrap)
 
 # Keys that say how a run was executed, not what was trained: they never distinguish variants.
 RUN_KEYS = {"seed", "seeds", "num_seeds", "seed_parallel", "run_dir", "name", "overwrite", "progress", "resume",
@@ -132,47 +134,52 @@ class Run:
         return any(float(v) > 0 for k, v in self.cfg.items() if k.endswith(".sparsity") and v is not None)
 
 
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _sweep_labels(run_dir: Path) -> dict[str, str]:
     """Axis labels of a run under a sweep directory (SWEEP/<point>/seed<k>), from SWEEP/sweep.yaml."""
     manifest = run_dir.parent.parent / "sweep.yaml"
     if not manifest.is_file():
         return {}
     try:
-        data = yaml.safe_load(manifest.read_text()) or {}
-    except yaml.YAMLError:
+        data = config.read_yaml(manifest, repr(str(manifest))) or {}
+        for p in data.get("points", []):
+            if p.get("name") == run_dir.parent.name:
+                return {str(k): str(v) for k, v in (p.get("labels") or {}).items()}
+    except (ConfigError, AttributeError, TypeError):  # a damaged manifest: label runs by their configs
         return {}
-    for p in data.get("points", []):
-        if p.get("name") == run_dir.parent.name:
-            return {str(k): str(v) for k, v in (p.get("labels") or {}).items()}
     return {}
 
 
-def load_runs(dirs: list[Path]) -> list[Run]:
+def _warn(message: str) -> None:
+    print(f"sparserl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_runs(dirs: list[Path], warn=_warn) -> list[Run]:
+    """The runs under ``dirs``. A run whose files cannot be read (config.yaml, summary.json,
+    metrics.csv, diagnostics.csv) is skipped with one ``warn`` line naming it; none readable is an error."""
     found: list[Path] = []
     for d in dirs:
         if not d.is_dir():
-            raise ConfigError(f"{str(d)!r}: no such directory")
+            raise ConfigError(f"{str(d)!r}: " + ("not a directory" if d.exists() else "no such directory"))
         found += runs.find_runs(d)
     if not found:
         raise ConfigError(f"no run directories (holding config.yaml) under {', '.join(map(str, dirs))}")
-    out = []
+    out, skipped = [], []
     for path in dict.fromkeys(p.resolve() for p in found):
-        cfg = config.flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
-        summary = None
-        if (path / "summary.json").is_file():
-            try:
-                summary = json.loads((path / "summary.json").read_text())
-            except ValueError:
-                summary = None
-        out.append(Run(path, cfg, runs.run_status(path), summary, _read_csv(path / "metrics.csv"),
-                       _read_csv(path / "diagnostics.csv"), _sweep_labels(path)))
+        try:
+            cfg = config.flatten(runs.read_config(path))
+            summary = runs.read_summary(path)
+            run = Run(path, cfg, runs.run_status(path), summary, runs.read_csv(path / "metrics.csv"),
+                      runs.read_csv(path / "diagnostics.csv"), _sweep_labels(path))
+            run.env, run.seed, run.sparse  # noqa: B018 - these must parse
+        except (ConfigError, OSError, ValueError, TypeError) as e:
+            skipped.append(f"unreadable run {str(path)!r}: " + " ".join(str(e).replace(f"{str(path)}{os.sep}", "").split()))
+            continue
+        out.append(run)
+    if not out:  # one line, naming the first
+        more = f" (and {len(skipped) - 1} more unreadable run(s))" if len(skipped) > 1 else ""
+        raise ConfigError(f"no readable run under {', '.join(map(str, dirs))}: {skipped[0]}{more}")
+    for message in skipped:
+        warn(f"skipping {message}")
     _name_variants(out)
     return out
 
@@ -510,10 +517,16 @@ def render_html(title: str, all_runs: list[Run], tasks: list[dict], agg: list[di
 
 def write_report(dirs: list[Path], out: Path | None = None, reps: int = 2000) -> Path:
     """Write report.html, its PNGs and summary.csv for the runs under ``dirs``; returns the folder."""
-    if reps < 100:
-        raise ConfigError(f"--bootstrap={reps}: use at least 100 resamples")
-    all_runs = load_runs(dirs)
+    from sparserl import preflight
+
+    if not MIN_BOOTSTRAP <= reps <= MAX_BOOTSTRAP:
+        raise ConfigError(f"--bootstrap={reps}: use between {MIN_BOOTSTRAP} and {MAX_BOOTSTRAP:,} resamples")
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"{str(d)!r}: " + ("not a directory" if d.exists() else "no such directory"))
     out = out or (dirs[0] / "report" if len(dirs) == 1 else Path("runs") / "report")
+    preflight.check_output_dir(out, "--out")  # before reading anything
+    all_runs = load_runs(dirs)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # a figure that no longer applies must not linger
         old.unlink()

@@ -171,9 +171,15 @@ def kernels_only(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def sparse_adamw(lr: float, weight_decay: float, mask: PyTree) -> optax.GradientTransformation:
-    """AdamW whose final update is masked, so pruned weights stay exactly zero."""
-    return optax.chain(optax.adamw(lr, weight_decay=weight_decay, mask=kernels_only), keep_masked(mask))
+def sparse_adamw(lr: float, weight_decay: float, mask: PyTree, decay_on: str = "all") -> optax.GradientTransformation:
+    """AdamW whose final update is masked, so pruned weights stay exactly zero.
+
+    ``decay_on='all'`` decays every parameter (biases and LayerNorm scale/bias too), as the reference's
+    ``optax.adamw`` without a mask does; ``'kernels'`` decays tensors with >= 2 dims only."""
+    if decay_on not in ("all", "kernels"):
+        raise ValueError(f"weight_decay_on={decay_on!r}: must be all or kernels")
+    decay_mask = kernels_only if decay_on == "kernels" else None
+    return optax.chain(optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask), keep_masked(mask))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The streaming loop of ``agent=stream_ac``: one transition, one update, no replay, no batches.
 
-``train.train(cfg)`` hands ``stream_ac`` configs to :func:`train_stream`, which writes the same run
-directory as every other agent with the machinery of :mod:`sparserl.train` (run-directory checks,
-``RUNNING`` marker, ``config.yaml`` / ``model.json`` / ``metrics.csv`` / ``summary.json``,
-checkpoints and exact resume, numerical faults, progress bar, TensorBoard / W&B loggers).
+``train.train(cfg)`` claims the run directories and hands ``stream_ac`` configs to
+:func:`train_stream`, which writes the same run directory as every other agent through
+:mod:`sparserl.rundir` (``config.yaml`` / ``model.json`` / ``metrics.csv`` / ``summary.json``,
+numerical faults), with checkpoints and exact resume, progress bar, TensorBoard / W&B loggers.
 
 Per env step the host does: ``env.step(action)``; one jitted call (donated state) that normalises
 the next observation, scales the reward, runs the ObGD updates of actor and critic, adds the
@@ -22,7 +22,6 @@ replay buffer and are not computed for stream_ac.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import sys
@@ -34,20 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import checkpoint, envs, loggers, runs
+from sparserl import checkpoint, envs, loggers, rundir
 from sparserl.agents import common, stream_ac
 from sparserl.config import Config, to_yaml
-from sparserl.train import (Timers, _fmt, _truncate_csv, accumulate, fresh_sums, metric_columns, model_stats,
-                            numerical_fault, run_dir_status, start_run_dir, write_summary)
+from sparserl.train import Timers, accumulate, fresh_sums, model_stats
 
 BAR_EVERY = 250  # agent steps between progress-bar refreshes
 
 
-def train_stream(cfg: Config, log: Callable[[str], None] | None = None):
-    """Train every seed of ``cfg`` in turn; the summary (a list of them for several seeds)."""
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    seed_cfgs = cfg.per_seed()
-    statuses = [run_dir_status(c) for c in seed_cfgs]  # every directory checked before any compute
+def train_stream(seed_cfgs: list[Config], statuses: list[str], log: Callable[[str], None]):
+    """Train every seed in turn (run directories claimed and checked by ``train.train``); the
+    summary (a list of them for several seeds)."""
     summaries = [train_one(c, status, log) for c, status in zip(seed_cfgs, statuses)]
     return summaries[0] if len(summaries) == 1 else summaries
 
@@ -73,7 +69,6 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
     env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
     state = stream_ac.init(cfg, env.obs_dim, env.action_dim)
     stats = model_stats(state)
-    columns = metric_columns(cfg)
     sums = fresh_sums(stream_ac)
 
     # Host-side counters (checkpointed with the state)
@@ -95,19 +90,17 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
             steps_in_row = meta["steps_in_row"]
             if not meta["needs_reset"] and start_step < cfg.agent_steps:
                 raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
-            _truncate_csv(run_dir / "metrics.csv", csv_rows)
+            rundir.truncate_csv(run_dir / "metrics.csv", csv_rows)
             state, sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
             log(f"[{run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
     if status == "new":
-        start_run_dir(cfg, stats)
+        rundir.start(cfg, stats)
 
     step_fn, begin_fn = make_step(cfg, env.time_limit)
     norms_fn = jax.jit(lambda st: {"actor_param_norm": common.global_norm(st.actor.params),
                                    "critic_param_norm": common.global_norm(st.critic.params)})
-    runs.mark_running(run_dir)
     live = loggers.make_loggers(cfg, run_dir, to_yaml(cfg), cfg.to_dict())  # log.tensorboard / log.wandb
-    f = open(run_dir / "metrics.csv", "a", newline="")
-    writer = csv.DictWriter(f, fieldnames=columns)
+    metrics_log = rundir.MetricsLog(cfg)
     start = time.perf_counter() - wall_offset
     row_start, row_start_step = time.perf_counter(), start_step
     next_checkpoint = (start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
@@ -117,11 +110,11 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
 
     def check_faults(host_sums, norms, agent_step):
         if int(host_sums["_fault"]) >= 0:
-            raise numerical_fault(run_dir, stream_ac.METRICS[int(host_sums["_fault"])],
+            raise rundir.numerical_fault(run_dir, stream_ac.METRICS[int(host_sums["_fault"])],
                                   int(host_sums["_fault_step"]), cfg.action_repeat)
         for key, value in norms.items():
             if not np.isfinite(value):
-                raise numerical_fault(run_dir, key.replace("_param_norm", " parameters"), agent_step, cfg.action_repeat)
+                raise rundir.numerical_fault(run_dir, key.replace("_param_norm", " parameters"), agent_step, cfg.action_repeat)
 
     def save(agent_step: int) -> None:
         host_sums = jax.device_get(sums)
@@ -169,10 +162,9 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
                        "eval_return_std": float(np.std(row_returns)) if row_returns else float("nan"),
                        "eval_episodes": len(row_returns), **means, **norms,
                        "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start), "wall_time": now - start}
-                writer.writerow({k: _fmt(row.get(k)) for k in columns})
-                f.flush()
+                scalars = metrics_log.write(row)
                 for logger in live:
-                    logger.log_scalars(env_step, {k: row.get(k) for k in columns if k != "env_step"}, "metrics")
+                    logger.log_scalars(env_step, scalars, "metrics")
                 csv_rows += 1
                 row_returns = []
                 sums, steps_in_row = fresh_sums(stream_ac), 0
@@ -184,12 +176,13 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
                 next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                 t = timers.add("checkpoint", t)
         save(cfg.agent_steps)
+    except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault
+        raise rundir.numerical_fault(run_dir, str(fault), agent_step, cfg.action_repeat) from None
     finally:
         bar.close()
-        f.close()
+        metrics_log.close()
         for logger in live:
             logger.close()
-        runs.clear_running(run_dir)
 
     wall = time.perf_counter() - start
     final = np.asarray(recent if recent else [episode_return], np.float64)  # no finished episode: the partial one
@@ -202,7 +195,7 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
         "time_share": {k: v / wall for k, v in timers.seconds.items()},
         "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in stats.items()},
     }
-    write_summary(run_dir, summary, log)
+    rundir.write_summary(run_dir, summary, log)
     log(f"[{run_dir.name}] final_return {summary['final_return']:.1f} (last {len(recent)} training episodes), "
         f"{summary['agent_steps_per_s']:.0f} agent steps/s")
     return summary

@@ -9,6 +9,7 @@ A preset (``configs/experiments/*.yaml``) is a grid::
       model:                                       # any other axis: dicts of keys set together,
         - {label: 4.5M, critic.width: 512}         #   with an optional short label
         - {label: 109M, actor.width: 1024, critic.width: 2048, critic.blocks: 3}
+      actor.sparsity+critic.sparsity: [0.0, 0.9]   # a tied axis: each value sets both keys
       seed: [0, 1, 2, 3, 4]
     scales:                                        # variants merged over the full-scale definition:
       small: {base: {env_steps: 100000}, grid: {env: [cartpole-swingup]}}   # base updated, axes replaced
@@ -31,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,27 +120,39 @@ def load(path: str | Path, scale: str = "full") -> dict[str, Any]:
     path = Path(path)
     if scale not in SCALES:
         raise ConfigError(f"scale={scale!r}: must be one of {', '.join(SCALES)}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"preset {str(path)!r}: invalid YAML ({str(e).splitlines()[0]})") from None
+    what = f"preset {str(path)!r}"
+    data = config.read_yaml(path, what) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a mapping with keys description, base, grid, scales "
+                          f"(got a {type(data).__name__})")
     unknown = set(data) - {"description", "base", "grid", "scales"}
-    if not isinstance(data, dict) or unknown:
-        raise ConfigError(f"preset {str(path)!r}: top-level keys are description, base, grid, scales "
+    if unknown:
+        raise ConfigError(f"{what}: top-level keys are description, base, grid, scales "
                           f"(got {', '.join(sorted(map(str, unknown)))})")
-    base = config.flatten(data.get("base") or {})
-    grid = dict(data.get("grid") or {})
+
+    def mapping(value: Any, where: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{what}: {where} must be a mapping (got a {type(value).__name__})")
+        return value
+
+    base = config.flatten_unique(mapping(data.get("base"), "base"), f"{what}: base")
+    grid = {str(k): v for k, v in mapping(data.get("grid"), "grid").items()}
+    scales = mapping(data.get("scales"), "scales")
     if scale != "full":
-        variant = (data.get("scales") or {}).get(scale)
+        variant = scales.get(scale)
         if variant is None:
             raise ConfigError(f"scale={scale}: preset {str(path)!r} defines no such variant "
-                              f"(has: full, {', '.join(data.get('scales') or {})})")
-        base.update(config.flatten(variant.get("base") or {}))
-        for axis, values in (variant.get("grid") or {}).items():
+                              f"(has: full, {', '.join(map(str, scales))})")
+        variant = mapping(variant, f"scales.{scale}")
+        base.update(config.flatten_unique(mapping(variant.get("base"), f"scales.{scale}.base"),
+                                          f"{what}: scales.{scale}.base"))
+        for axis, values in mapping(variant.get("grid"), f"scales.{scale}.grid").items():
             if values is None:
-                grid.pop(axis, None)
+                grid.pop(str(axis), None)
             else:
-                grid[axis] = values
+                grid[str(axis)] = values
     return {"description": data.get("description", ""), "base": base, "grid": grid}
 
 
@@ -151,15 +165,25 @@ def _label(value: Any) -> str:
 
 
 def _axis_values(axis: str, values: Any, keys: dict) -> list[tuple[str, dict[str, Any]]]:
-    """(label, {config key: value}) for each value of an axis."""
+    """(label, {config key: value}) for each value of an axis.
+
+    An axis named by several config keys joined with ``+`` (``actor.sparsity+critic.sparsity``) is a
+    tied axis: each of its values sets every one of those keys.
+    """
     if not isinstance(values, list) or not values:
         raise ConfigError(f"grid.{axis}: expected a non-empty list of values")
+    tied = tied_keys(axis)
+    for k in tied:
+        if k not in keys:
+            raise ConfigError(f"grid.{axis}: {k!r} is not a config key{config.suggest(k, keys)}")
     out = []
     for v in values:
         if isinstance(v, dict):
             v = dict(v)
             label = str(v.pop("label", ",".join(f"{k}={_label(x)}" for k, x in v.items())))
             out.append((label, config.flatten(v)))
+        elif tied:
+            out.append((_label(v), {k: v for k in tied}))
         elif axis in keys:
             out.append((_label(v), {axis: v}))
         else:
@@ -171,8 +195,13 @@ def _axis_values(axis: str, values: Any, keys: dict) -> list[tuple[str, dict[str
     return out
 
 
+def tied_keys(axis: str) -> tuple[str, ...]:
+    """The config keys of a tied axis ``a+b`` (every value sets all of them); () for other axes."""
+    return tuple(k.strip() for k in axis.split("+")) if "+" in axis else ()
+
+
 def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._=" else "_" for c in text)
+    return "".join(c if c.isalnum() or c in "-._=+" else "_" for c in text)
 
 
 def expand(path: str | Path, scale: str = "full", overrides: dict[str, Any] | None = None) -> Sweep:
@@ -192,13 +221,23 @@ def expand(path: str | Path, scale: str = "full", overrides: dict[str, Any] | No
         except ValueError:
             raise ConfigError(f"seeds={raw!r}: expected integers separated by commas, e.g. 0,1,2") from None
     for key, raw in list(overrides.items()):
-        value = yaml.safe_load(raw) if isinstance(raw, str) and raw.strip().startswith("[") else raw
+        value = raw
+        if isinstance(raw, str) and raw.strip().startswith("["):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}={raw}: malformed or unterminated list; write e.g. {key}=[a,b]") from None
         if key in grid or key == "seed":
             grid[key] = value if isinstance(value, list) else [value]
             del overrides[key]
         elif isinstance(value, list):
             raise ConfigError(f"{key}={raw}: a list of values is only allowed for an axis of the grid "
                               f"(axes: {', '.join(grid)})")
+        else:
+            tied = next((a for a in grid if key in tied_keys(a)), None)
+            if tied:  # setting one key of a tied axis would silently untie it
+                raise ConfigError(f"{key}={raw}: set together with {' and '.join(k for k in tied_keys(tied) if k != key)} "
+                                  f"by the grid axis {tied}; replace that axis instead ({tied}=[{raw}])")
     for key in ("run_dir", "name", "num_seeds"):
         if key in overrides or key in preset["base"]:
             raise ConfigError(f"{key}: set by the sweep for each run; use sweep_dir= for where runs go")
@@ -266,10 +305,13 @@ def dry_run(sweep: Sweep, rate_gflops: float | None, out: Callable[[str], None] 
 def rate_from_bench(path: str | Path) -> float:
     """The achieved update GFLOP/s of a ``make bench`` JSON (mean over its model sizes)."""
     try:
-        data = json.loads(Path(path).read_text())
-        rates = [u["achieved_gflops"] for u in data["updates"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--bench {str(path)!r}: not a benchmark JSON from `make bench` ({e})") from None
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        rates = [float(u["achieved_gflops"]) for u in data["updates"]]
+        if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+            raise ValueError("no positive achieved_gflops")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:80]
+        raise ConfigError(f"--bench {str(path)!r}: not a benchmark JSON from `make bench` ({reason})") from None
     return sum(rates) / len(rates)
 
 
@@ -313,7 +355,7 @@ def has_gpu() -> bool:
 
 def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -> tuple[list[Job], dict[str, list[str]]]:
     """Jobs to run, and the runs skipped (finished / failed / running elsewhere), by status."""
-    from sparserl import train
+    from sparserl import rundir
 
     jobs, skipped = [], {"finished": [], "failed": [], "running": []}
     for p in sweep.points:
@@ -328,7 +370,7 @@ def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -
             if status == "failed":
                 fresh.append(s)
             else:  # new or interrupted: refuses a directory holding a different config, before anything runs
-                todo.setdefault(train.run_dir_status(p.config(s, sweep_dir)), []).append(s)
+                todo.setdefault(rundir.check(p.config(s, sweep_dir)), []).append(s)
         for seeds in todo.values():
             if group_seeds and len(seeds) > 1:
                 jobs.append(Job(p, tuple(seeds), sweep_dir / "logs" / f"{p.name}.seed{'_'.join(map(str, seeds))}.log"))
@@ -371,10 +413,13 @@ def execute(sweep: Sweep, sweep_dir: Path, executor: str = "local", workers: int
     """Run every unfinished run of ``sweep`` under ``sweep_dir``; returns finished/failed/skipped lists."""
     gpu = has_gpu()
     group_seeds = gpu if group_seeds is None else group_seeds
+    from sparserl import preflight
+
+    preflight.check_output_dir(sweep_dir, "sweep_dir")  # before anything is written
     sweep_dir = sweep_dir.resolve()
+    jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed)  # refuses occupied run dirs, writes nothing
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep, sweep_dir)
-    jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed)
     result: dict[str, list[str]] = {"finished": [], "failed": [], "skipped": [n for names in skipped.values() for n in names]}
     status_path = sweep_dir / "sweep_status.json"
 
@@ -498,6 +543,8 @@ def parse_options(options: dict[str, str], preset: str) -> dict[str, Any]:
             v = kind(raw)
         except ValueError:
             raise ConfigError(f"{key}={raw!r}: expected a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}={raw!r}: must be a finite number")
         if v < low:
             raise ConfigError(f"{key}={raw!r}: must be at least {low:g}")
         return v

@@ -38,75 +38,19 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, loggers, probe, replay, runs, sparsity
+from sparserl import agents, checkpoint, envs, loggers, probe, replay, rundir, sparsity
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
-from sparserl.config import Config, ConfigError, flatten, to_yaml
-
-BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
-                "eval_episodes")
-NORM_COLUMNS = ("actor_param_norm", "critic_param_norm")  # at the row's step (a pass over memory: not per update)
-TAIL_COLUMNS = ("steps_per_s", "wall_time")  # timing: the only columns that differ between identical runs
-# Keys that do not change what a run computes: a run directory may be resumed with other values.
-RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds", "num_seeds", "seed_parallel",
-                    "keep_checkpoints", "log.tensorboard", "log.wandb", "log.wandb_project", "log.wandb_mode",
-                    "video.every", "video.size")
-
-
-class NumericalFault(RuntimeError):
-    """A NaN/inf appeared in a loss or in the parameters; the run stopped, its last good checkpoint kept."""
-
-
-def metric_columns(cfg: Config) -> tuple[str, ...]:
-    norms = (("encoder_param_norm",) if cfg.pixels else ()) + NORM_COLUMNS
-    return BASE_COLUMNS + agents.get(cfg.agent).METRICS + norms + TAIL_COLUMNS
-
+from sparserl.config import Config, ConfigError, to_yaml
 
 def model_stats(state) -> dict[str, Any]:
     return {name: sparsity.stats(m.params, m.mask) for name, m in agents.modules(state).items()}
 
 
-def _differences(saved: dict, wanted: dict) -> list[str]:
-    a, b = flatten(saved), flatten(wanted)
-    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-            if k not in RUN_CONTROL_KEYS and a.get(k) != b.get(k)]
-
-
-def run_dir_status(cfg: Config) -> str:
-    """``new``, ``resume`` or ``finished`` for a single-seed config; refuses a directory it must not touch."""
-    run_dir = cfg.resolved_run_dir
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir={str(run_dir)!r}: is a file, not a directory; choose another run_dir=")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return "new"
-    if runs.run_status(run_dir) == "running":  # not even overwrite=true may pull a run from under its process
-        pid = (run_dir / runs.RUNNING_MARKER).read_text().strip()
-        raise ConfigError(f"run_dir={str(run_dir)!r}: is being trained by another process (pid {pid}); "
-                          f"wait for it, or delete {runs.RUNNING_MARKER} there if no such run is alive")
-    if cfg.overwrite:
-        return "new"
-    saved_path = run_dir / "config.yaml"
-    hint = "pass overwrite=true to replace it, or choose another run_dir=/name="
-    if not saved_path.is_file():
-        raise ConfigError(f"run_dir={str(run_dir)!r}: exists and is not a sparserl run; {hint}")
-    diffs = _differences(yaml.safe_load(saved_path.read_text()) or {}, cfg.to_dict())
-    if diffs:
-        raise ConfigError(f"run_dir={str(run_dir)!r}: holds a run with a different config ({'; '.join(diffs[:3])}); "
-                          f"rerun with the same config to resume it, or {hint}")
-    if not cfg.resume:
-        raise ConfigError(f"run_dir={str(run_dir)!r}: already holds this run and resume=false; {hint}")
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    if (run_dir / "error.txt").is_file():
-        raise ConfigError(f"run_dir={str(run_dir)!r}: stopped on a numerical fault ({(run_dir / 'error.txt').read_text().strip()}); "
-                          f"{hint}")
-    return "resume"
-
-
 def check_run_dirs(cfg: Config) -> list[str]:
     """Validate every seed's run directory (and the optional loggers asked for) before any compute."""
     loggers.check_available(cfg)
-    return [run_dir_status(c) for c in cfg.per_seed()]
+    return [rundir.check(c) for c in cfg.per_seed()]
 
 
 class Timers:
@@ -127,10 +71,13 @@ def evaluate(env: envs.Env, policy: Callable[[np.ndarray], np.ndarray], episodes
 
 
 def evaluate_lockstep(eval_envs: list[envs.Env], policy: Callable[[np.ndarray], np.ndarray],
-                      episodes: int) -> list[np.ndarray]:
-    """Evaluate several seeds together: ``policy`` maps stacked observations (N, obs) to actions."""
+                      episodes: int, on_episode: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Evaluate several seeds together: ``policy`` maps stacked observations (N, obs) to actions.
+    ``on_episode(k)`` is called as each round of episodes starts, with k the rounds done (progress)."""
     returns = [np.zeros(episodes) for _ in eval_envs]
     for ep in range(episodes):
+        if on_episode is not None:
+            on_episode(ep)
         obs = [e.reset() for e in eval_envs]
         done = [False] * len(eval_envs)
         while not all(done):
@@ -138,16 +85,14 @@ def evaluate_lockstep(eval_envs: list[envs.Env], policy: Callable[[np.ndarray], 
             for i, e in enumerate(eval_envs):
                 if done[i]:
                     continue
-                obs[i], reward, terminated, truncated = e.step(actions[i])
+                try:
+                    obs[i], reward, terminated, truncated = e.step(actions[i])
+                except envs.EnvFault as fault:
+                    fault.seed_index = i  # which seed's run stops (see train_replay)
+                    raise
                 returns[i][ep] += reward
                 done[i] = terminated or truncated
     return returns
-
-
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
-    return repr(float(x)) if isinstance(x, (float, np.floating)) else str(x)
 
 
 def _stack(trees):
@@ -263,66 +208,15 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
     s.row_returns, s.csv_rows = list(meta["row_returns"]), meta["csv_rows"]
     if meta["final_eval_returns"] is not None:  # killed after the final checkpoint, before summary.json
         s.summary_eval = np.asarray(meta["final_eval_returns"])
-    _truncate_csv(s.run_dir / "metrics.csv", s.csv_rows)
+    rundir.truncate_csv(s.run_dir / "metrics.csv", s.csv_rows)
     s.diag_rows = meta["diag_rows"]
     if s.diag_rows:
-        _truncate_csv(s.run_dir / "diagnostics.csv", s.diag_rows)
+        rundir.truncate_csv(s.run_dir / "diagnostics.csv", s.diag_rows)
     else:  # rows written after this checkpoint (header included) are written again
         (s.run_dir / "diagnostics.csv").unlink(missing_ok=True)
     if "probe/obs" in arrays:
         s.probe = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     return state, sums
-
-
-def _clear_run_dir(run_dir: Path, keep_corrupt: bool) -> None:
-    """Empty a run directory to start over; quarantined ``*.corrupt`` checkpoints stay unless overwriting."""
-    if not keep_corrupt:
-        shutil.rmtree(run_dir)
-        return
-    for p in run_dir.iterdir():
-        if p.name == "checkpoints" and p.is_dir():
-            for f in p.iterdir():
-                if not f.name.endswith(".corrupt"):
-                    f.unlink()
-        elif p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
-def start_run_dir(cfg: Config, stats: dict) -> None:
-    """A fresh run directory: ``config.yaml``, ``model.json`` and the header of ``metrics.csv``."""
-    run_dir = cfg.resolved_run_dir
-    if run_dir.exists():  # overwrite=true, or a run without a usable checkpoint
-        _clear_run_dir(run_dir, keep_corrupt=not cfg.overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "model.json").write_text(json.dumps(stats, indent=1))
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        csv.writer(f).writerow(metric_columns(cfg))
-
-
-def numerical_fault(run_dir: Path, quantity: str, step: int, action_repeat: int) -> NumericalFault:
-    """Write ``error.txt`` and return the exception that stops the run."""
-    msg = (f"non-finite {quantity} at agent step {step} (env step {step * action_repeat}); "
-           f"last good checkpoint kept in {run_dir / 'checkpoints'}")
-    (run_dir / "error.txt").write_text(msg + "\n")
-    return NumericalFault(f"[{run_dir.name}] {msg}")
-
-
-def write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> None:
-    """``summary.json`` (marks the run finished), then ``curves.png``."""
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    try:  # a picture is a convenience: failing to draw it must not lose the run
-        runs.plot_curves(run_dir)
-    except Exception as e:  # noqa: BLE001
-        log(f"[{run_dir.name}] warning: could not draw curves.png ({e})")
-
-
-def _truncate_csv(path: Path, rows: int) -> None:
-    """Drop rows written after the checkpoint: they are recomputed, identically, on resume."""
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[: rows + 1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,15 +352,27 @@ class SeedGroup:
 
 
 def train(cfg: Config, log: Callable[[str], None] | None = None):
-    """Train one or several seeds per ``cfg``. Returns the summary (a list of them for several seeds)."""
+    """Train one or several seeds per ``cfg``. Returns the summary (a list of them for several seeds).
+
+    Every seed's run directory is claimed (locked) first and released however the run ends."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     loggers.check_available(cfg)
-    if cfg.agent == "stream_ac":  # streaming: no replay, no batches -- its own small loop
-        from sparserl import stream
-
-        return stream.train_stream(cfg, log)
     seed_cfgs = cfg.per_seed()
-    statuses = [run_dir_status(c) for c in seed_cfgs]
+    with rundir.claimed(seed_cfgs) as statuses:
+        try:
+            if cfg.agent == "stream_ac":  # streaming: no replay, no batches -- its own small loop
+                from sparserl import stream
+
+                return stream.train_stream(seed_cfgs, statuses, log)
+            return train_replay(cfg, seed_cfgs, statuses, log)
+        except OSError as e:
+            if checkpoint.is_disk_full(e):
+                raise checkpoint.DiskFull.of(e) from None
+            raise
+
+
+def train_replay(cfg: Config, seed_cfgs: list[Config], statuses: list[str], log: Callable[[str], None]):
+    """The loop of the replay agents (SAC, DDPG, DrQ-v2) over claimed run directories."""
     if all(st == "finished" for st in statuses):
         summaries = [json.loads((c.resolved_run_dir / "summary.json").read_text()) for c in seed_cfgs]
         for c in seed_cfgs:
@@ -515,7 +421,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             log(f"[{seeds[0].run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
     if statuses[0] == "new":
         for s, c, st in zip(seeds, seed_cfgs, stats):
-            start_run_dir(c, st)
+            rundir.start(c, st)
 
     vmapped = cfg.seed_parallel == "vmap" or (cfg.seed_parallel == "auto" and jax.default_backend() != "cpu")
     group = SeedGroup(agent, cfg0, seed_cfgs, states, vmapped and len(seeds) > 1)
@@ -523,11 +429,6 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
         group.sums = _stack(sums) if group.vmapped else sums
     del single_states, states, sums
 
-    def deterministic_actions(obs_stack):
-        return group.act(obs_stack, eval_stats, 0, True)
-
-    for s in seeds:
-        runs.mark_running(s.run_dir)
     live = [loggers.make_loggers(cfg, s.run_dir, to_yaml(c), c.to_dict()) for s, c in zip(seeds, seed_cfgs)]
     video_envs: dict[int, envs.Env] = {}
 
@@ -545,9 +446,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                     logger.log_video(env_step, path, frames)
             except Exception as e:  # noqa: BLE001
                 log(f"[{s.run_dir.name}] warning: could not record the evaluation video at env step {env_step}: {e}")
-    files = [open(s.run_dir / "metrics.csv", "a", newline="") for s in seeds]
-    writers = [csv.DictWriter(f, fieldnames=metric_columns(cfg0)) for f in files]
-    columns = metric_columns(cfg0)
+    metrics_logs = [rundir.MetricsLog(c) for c in seed_cfgs]
     name = seeds[0].run_dir.name if len(seeds) == 1 else f"{len(seeds)} seeds"
     start = time.perf_counter() - wall_offset
     next_checkpoint = (start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
@@ -555,7 +454,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                dynamic_ncols=True, desc=name[:40], file=sys.stderr)
 
     def stop(s: Seed, quantity: str, step: int) -> None:
-        raise numerical_fault(s.run_dir, quantity, step, cfg.action_repeat)
+        raise rundir.numerical_fault(s.run_dir, quantity, step, cfg.action_repeat)
 
     def check_faults(host_sums: list[dict], norms: list[dict], agent_step: int) -> None:
         for s, sums_i, norms_i in zip(seeds, host_sums, norms):
@@ -588,7 +487,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                 writer = csv.DictWriter(f, fieldnames=list(row))
                 if s.diag_rows == 0:
                     writer.writeheader()
-                writer.writerow({k: _fmt(v) for k, v in row.items()})
+                writer.writerow({k: rundir.fmt(v) for k, v in row.items()})
             s.diag_rows += 1
             for logger in live[i]:
                 logger.log_scalars(env_step, scalars, "diagnostics")
@@ -599,6 +498,45 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             group.replace_state(i, reset_state(c, group.state(i), count, obs_dim, action_dim))
         log(f"[{name}] env_step {env_step}: reset actor and critic (reset {count})")
 
+    def evaluation_rows(done: int, is_last: bool, t: float) -> float:
+        """Evaluate every seed's deterministic policy after ``done`` agent steps (0: the untrained
+        policy, as the reference evaluates it before training) and write its metrics row (update
+        metrics averaged over the update calls since the last row). Returns when the evaluation ended."""
+        nonlocal updates_in_row
+        env_step = done * cfg.action_repeat
+        host_sums, norms = group.host_sums(), group.param_norms()
+        check_faults(host_sums, norms, done)
+        n_eval = cfg.final_eval_episodes if is_last else cfg.eval_episodes
+        eval_stats = [s.obs_stats() for s in seeds]
+        label = "final eval" if is_last else "eval"
+        all_returns = evaluate_lockstep(
+            [s.eval_env for s in seeds], lambda obs: group.act(obs, eval_stats, 0, True), n_eval,
+            lambda k: bar.set_postfix_str(f"{label} {k}/{n_eval} episodes", refresh=True))
+        timers.add("eval", t)
+        now = time.perf_counter()
+        for i, (s, returns) in enumerate(zip(seeds, all_returns)):
+            means = {k: float(host_sums[i][k]) / updates_in_row for k in agent.METRICS} if updates_in_row else {}
+            steps_per_s = (done - row_start_step) / (now - row_start) if done > row_start_step else float("nan")
+            row = {"env_step": env_step, "agent_step": done, "episodes": s.episodes,
+                   "train_return": float(np.mean(s.row_returns)) if s.row_returns else float("nan"),
+                   "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
+                   "eval_episodes": n_eval, **means, **norms[i], "steps_per_s": steps_per_s,
+                   "wall_time": now - start}
+            scalars = metrics_logs[i].write(row)
+            for logger in live[i]:
+                logger.log_scalars(env_step, scalars, "metrics")
+            s.csv_rows += 1
+            s.row_returns = []
+            if is_last:
+                s.summary_eval = returns
+            speed = "untrained policy" if done == 0 else f"{steps_per_s:.0f} agent steps/s"
+            log(f"[{s.run_dir.name}] env_step {env_step}: eval_return {returns.mean():.1f} ± "
+                f"{returns.std():.1f} ({n_eval} ep), {speed}")
+        bar.set_postfix(eval_return=f"{np.mean([r.mean() for r in all_returns]):.1f}", refresh=False)
+        group.reset_sums()  # faults were checked above
+        updates_in_row = 0
+        return now
+
     try:
         if start_step < cfg.agent_steps:
             bar.set_postfix_str("compiling the update", refresh=True)
@@ -608,6 +546,10 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             timers.add("compile", t)
             bar.set_postfix_str("", refresh=False)
         row_start, row_start_step = time.perf_counter(), start_step
+        agent_step = start_step
+        if start_step == 0:  # a row at env step 0: the untrained policy (resume truncates to csv_rows rows)
+            timers.add("log", evaluation_rows(0, False, time.perf_counter()))
+            row_start = time.perf_counter()
         for agent_step in range(start_step, cfg.agent_steps):
             t = time.perf_counter()
             for s in seeds:
@@ -621,8 +563,12 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             else:
                 actions = group.act(np.stack([s.obs for s in seeds]), [s.obs_stats() for s in seeds], agent_step, False)
             t = timers.add("act", t)
-            for s, action in zip(seeds, actions):
-                next_obs, reward, terminated, truncated = s.env.step(action)
+            for i, (s, action) in enumerate(zip(seeds, actions)):
+                try:
+                    next_obs, reward, terminated, truncated = s.env.step(action)
+                except envs.EnvFault as fault:
+                    fault.seed_index = i
+                    raise
                 s.buffer.add(s.obs, action, reward, 0.0 if terminated else 1.0, next_obs,
                              episode_end=terminated or truncated)
                 s.episode_return += reward
@@ -636,7 +582,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                         s.normalizer.update(next_obs)
             t = timers.add("env", t)
 
-            if agent_step >= cfg.warmup_steps:
+            if agent_step >= cfg.warmup_steps and (agent_step - cfg.warmup_steps) % cfg.update_every == 0:
                 group.learn([s.buffer.sample(s.sample_rng, cfg.utd, cfg.batch_size) for s in seeds],
                             [s.obs_stats() for s in seeds], agent_step)
                 updates_in_row += 1
@@ -646,34 +592,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             bar.update(cfg.action_repeat)
             is_last = agent_step + 1 == cfg.agent_steps
             if env_step % cfg.eval_every < cfg.action_repeat or is_last:
-                host_sums, norms = group.host_sums(), group.param_norms()
-                check_faults(host_sums, norms, agent_step + 1)
-                n_eval = cfg.final_eval_episodes if is_last else cfg.eval_episodes
-                eval_stats = [s.obs_stats() for s in seeds]
-                all_returns = evaluate_lockstep([s.eval_env for s in seeds], deterministic_actions, n_eval)
-                t = timers.add("eval", t)
-                now = time.perf_counter()
-                for i, (s, returns) in enumerate(zip(seeds, all_returns)):
-                    means = {k: float(host_sums[i][k]) / updates_in_row for k in agent.METRICS} if updates_in_row else {}
-                    row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": s.episodes,
-                           "train_return": float(np.mean(s.row_returns)) if s.row_returns else float("nan"),
-                           "eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
-                           "eval_episodes": n_eval, **means, **norms[i],
-                           "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start),
-                           "wall_time": now - start}
-                    writers[i].writerow({k: _fmt(row.get(k)) for k in columns})
-                    files[i].flush()
-                    for logger in live[i]:
-                        logger.log_scalars(env_step, {k: row.get(k) for k in columns if k != "env_step"}, "metrics")
-                    s.csv_rows += 1
-                    s.row_returns = []
-                    if is_last:
-                        s.summary_eval = returns
-                    log(f"[{s.run_dir.name}] env_step {env_step}: eval_return {returns.mean():.1f} ± "
-                        f"{returns.std():.1f} ({n_eval} ep), {row['steps_per_s']:.0f} agent steps/s")
-                bar.set_postfix(eval_return=f"{np.mean([r.mean() for r in all_returns]):.1f}", refresh=False)
-                group.reset_sums()  # faults were checked above
-                updates_in_row = 0
+                now = evaluation_rows(agent_step + 1, is_last, t)
                 if cfg.video.every and env_step % cfg.video.every < cfg.action_repeat:
                     record_videos(env_step)
                 row_start, row_start_step = time.perf_counter(), agent_step + 1
@@ -690,13 +609,15 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
                 next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                 timers.add("checkpoint", t)
         save_checkpoints(cfg.agent_steps)
+    except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault of that seed
+        s = seeds[getattr(fault, "seed_index", 0)]
+        raise rundir.numerical_fault(s.run_dir, str(fault), agent_step, cfg.action_repeat) from None
     finally:
         bar.close()
-        for f, s, seed_loggers in zip(files, seeds, live):
-            f.close()
+        for metrics_log, seed_loggers in zip(metrics_logs, live):
+            metrics_log.close()
             for logger in seed_loggers:
                 logger.close()
-            runs.clear_running(s.run_dir)
 
     wall = time.perf_counter() - start
     summaries = []
@@ -710,7 +631,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
             "time_share": {k: v / wall for k, v in timers.seconds.items()},
             "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in st.items()},
         }
-        write_summary(s.run_dir, summary, log)
+        rundir.write_summary(s.run_dir, summary, log)
         summaries.append(summary)
     return summaries[0] if len(summaries) == 1 else summaries
 

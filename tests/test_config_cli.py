@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sparserl import config, train
+from sparserl import config, rundir, train
 from sparserl.cli import main
 from sparserl.config import Config, ConfigError
 
@@ -234,14 +234,15 @@ def test_occupied_run_dir_is_refused(tmp_path, workdir, capsys):
                              "final_eval_episodes=1", "progress=false", "actor.width=8", "critic.width=8"],
                             capsys)
     assert rc == 2
-    assert len(err) == 1 and "run_dir" in err[0] and "overwrite=true" in err[0]
+    # a directory that is not a run: the message must not suggest overwrite=true (which would not delete it either)
+    assert len(err) == 1 and "run_dir" in err[0] and "not a sparserl run" in err[0] and "overwrite" not in err[0]
     assert [p.name for p in run_dir.iterdir()] == ["dummy.txt"]
     assert (run_dir / "dummy.txt").read_text() == "keep me"
 
 
 def test_run_dir_status_rules(tmp_path):
     def status(**kw):
-        return train.run_dir_status(config.build(kw, check_env=False))
+        return rundir.check(config.build(kw, check_env=False))
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -252,7 +253,14 @@ def test_run_dir_status_rules(tmp_path):
     (full / "f").write_text("x")
     with pytest.raises(ConfigError, match="not a sparserl run"):
         status(run_dir=str(full))
-    assert status(run_dir=str(full), overwrite=True) == "new"
+    with pytest.raises(ConfigError, match="not a sparserl run"):  # overwrite only ever replaces a run
+        status(run_dir=str(full), overwrite=True)
+    own = tmp_path / "own"  # only sparserl's own files (a run killed before config.yaml was written)
+    (own / "checkpoints").mkdir(parents=True)
+    (own / "metrics.csv").write_text("env_step\n")
+    with pytest.raises(ConfigError, match="incomplete sparserl run"):
+        status(run_dir=str(own))
+    assert status(run_dir=str(own), overwrite=True) == "new"
 
 
 def test_run_dir_that_is_a_file_is_a_usage_error(tmp_path, workdir, capsys):

@@ -69,7 +69,7 @@ def test_render_failure_keeps_the_evaluation(tmp_path, monkeypatch):
                           log=messages.append)
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["env_step"]) for r in rows] == [1000, 2000] and all(r["eval_return"] for r in rows)
+    assert [int(r["env_step"]) for r in rows] == [0, 1000, 2000] and all(r["eval_return"] for r in rows)
     assert summary["final_return"] == pytest.approx(float(rows[-1]["eval_return"]))
     warnings = [m for m in messages if "could not record the evaluation video" in m]
     assert len(warnings) == 2 and "no OpenGL context" in warnings[0]

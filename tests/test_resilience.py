@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sparserl import checkpoint, config, train
+from sparserl import checkpoint, config, rundir, train
 from sparserl.cli import EXIT_FAULT, EXIT_USAGE, main
 from sparserl.config import ConfigError
 
@@ -167,7 +167,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
 
     messages: list[str] = []
     cfg = config.from_args(None, ARGS + [f"run_dir={run_dir}"])
-    assert train.run_dir_status(cfg) == "resume"
+    assert rundir.check(cfg) == "resume"
     summary = train.train(cfg, log=messages.append)
 
     warnings = [m for m in messages if "warning" in m]
@@ -211,7 +211,7 @@ def test_all_checkpoints_corrupt_starts_over(reference, tmp_path):
 def test_kill_between_final_checkpoint_and_summary(reference, tmp_path):
     run_dir = unfinished_copy(reference[0], tmp_path / "no_summary")  # final checkpoint (step 3000) intact
     cfg = config.from_args(None, ARGS + [f"run_dir={run_dir}"])
-    assert train.run_dir_status(cfg) == "resume"
+    assert rundir.check(cfg) == "resume"
     summary = train.train(cfg, log=lambda m: None)
     assert summary["final_return"] == reference[1]["final_return"]
     assert (run_dir / "summary.json").is_file()
@@ -271,7 +271,7 @@ def test_nan_reward_stops_with_numerical_fault(nan_env, tmp_path, capsys):
     run_dir = tmp_path / "nan"
     cfg = config.from_args(None, NAN_ARGS + [f"run_dir={run_dir}"])
     messages: list[str] = []
-    with pytest.raises(train.NumericalFault) as info:
+    with pytest.raises(rundir.NumericalFault) as info:
         train.train(cfg, log=messages.append)
     msg = str(info.value)
     assert "critic_loss" in msg and "agent step" in msg, msg
@@ -309,7 +309,7 @@ def test_faulted_run_dir_is_refused(nan_env, tmp_path, capsys):
     """Rerunning a run that stopped on NaN is a usage error (exit 2), not a silent retrain."""
     run_dir = tmp_path / "nan"
     cfg = config.from_args(None, NAN_ARGS + ["env_steps=600", f"run_dir={run_dir}"])
-    with pytest.raises(train.NumericalFault):
+    with pytest.raises(rundir.NumericalFault):
         train.train(cfg, log=lambda m: None)
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     capsys.readouterr()
@@ -397,8 +397,8 @@ def test_vmap_seeds_close_to_loop(tmp_path):
         for mode in ("loop", "vmap"):
             with open(tmp_path / mode / f"seed{k}" / "metrics.csv", newline="") as f:
                 rows[mode] = list(csv.DictReader(f))
-            assert len(rows[mode]) == 1 and int(rows[mode][0]["env_step"]) == 1200
-        loop, vmap = rows["loop"][0], rows["vmap"][0]
+            assert [int(r["env_step"]) for r in rows[mode]] == [0, 1200]  # the step-0 row, the final one
+        loop, vmap = rows["loop"][-1], rows["vmap"][-1]
         for key in metrics:
             assert vmap[key] != "", key
             assert float(vmap[key]) == pytest.approx(float(loop[key]), rel=1e-3), (k, key, vmap[key], loop[key])

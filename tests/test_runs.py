@@ -35,6 +35,9 @@ def test_finished_run_has_summary_and_curves(finished):
     assert not (run_dir / runs.RUNNING_MARKER).exists()  # removed when the run stopped
 
 
+HELD_LOCKS: list = []
+
+
 def make_copy(finished, tmp_path, name, status):
     run_dir = tmp_path / name
     shutil.copytree(finished / "done", run_dir)
@@ -42,8 +45,10 @@ def make_copy(finished, tmp_path, name, status):
         (run_dir / "summary.json").unlink()
     if status == "failed":
         (run_dir / "error.txt").write_text("non-finite critic_loss at agent step 5\n")
-    if status == "running":
-        (run_dir / runs.RUNNING_MARKER).write_text(str(os.getpid()))  # this process is alive
+    if status == "running":  # a live owner holds the kernel lock (kept until the test session ends)
+        HELD_LOCKS.append(runs.RunLock(run_dir).acquire())
+    if status == "stale_live_pid":  # a marker left by a killed trainer whose pid now names a live process
+        (run_dir / runs.RUNNING_MARKER).write_text(str(os.getpid()))
     if status == "interrupted":
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
@@ -52,7 +57,7 @@ def make_copy(finished, tmp_path, name, status):
 
 
 def test_ls_shows_each_status(finished, tmp_path, capsys):
-    for status in ("finished", "running", "failed", "interrupted"):
+    for status in ("finished", "running", "failed", "interrupted", "stale_live_pid"):
         make_copy(finished, tmp_path / "sweep", f"r_{status}", status)
     (tmp_path / "sweep" / "not_a_run").mkdir()
     assert main(["ls", str(tmp_path / "sweep")]) == 0
@@ -60,10 +65,10 @@ def test_ls_shows_each_status(finished, tmp_path, capsys):
     header, rows = lines[0].split(), [line.split() for line in lines[1:]]
     assert header == ["name", "env", "agent", "widths", "sparsity", "env_steps", "eval_return", "status"]
     by_name = {r[0]: r for r in rows}
-    assert set(by_name) == {"r_finished", "r_running", "r_failed", "r_interrupted"}
-    for status in ("finished", "running", "failed", "interrupted"):
+    assert set(by_name) == {"r_finished", "r_running", "r_failed", "r_interrupted", "r_stale_live_pid"}
+    for status in ("finished", "running", "failed", "interrupted", "stale_live_pid"):
         row = by_name[f"r_{status}"]
-        assert row[-1] == status
+        assert row[-1] == ("interrupted" if status == "stale_live_pid" else status)  # only a held lock is "running"
         assert row[1] == "cartpole-balance" and row[2] == "sac"
         assert row[3:5] == ["a16x1", "c16x1"] and row[5:7] == ["a0", "c0.8"]
         assert row[7] == "2000/2000"

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparserl import checkpoint, config, inspection, obgd, sweep, train
+from sparserl import checkpoint, config, inspection, obgd, rundir, sweep, train
 from sparserl.agents import stream_ac
 from sparserl.config import ConfigError
 
@@ -63,7 +63,7 @@ def test_obgd_effective_step_never_overshoots_the_bound(delta, grads, trace_scal
     step = float(new.step_size)
     if adaptive:
         v_hat = jax.tree_util.tree_map(lambda v: v / (1 - 0.999), new.v)
-        e = jax.tree_util.tree_map(lambda e, v: e / (jnp.sqrt(v) + 1e-8), new.trace, v_hat)
+        e = jax.tree_util.tree_map(lambda e, v: e / jnp.sqrt(v + 1e-8), new.trace, v_hat)  # ε inside, as the reference
     else:
         e = new.trace
     e_l1 = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(e)))
@@ -219,13 +219,17 @@ def test_step_is_deterministic_computes_the_td_error_and_resets_traces_at_episod
     v_next = stream_ac.value(state.critic.params, new.obs)
     r = float(tr[-3]) / math.sqrt(1 + 1e-8)
     assert float(metrics["td_error"]) == pytest.approx(r + 0.99 * float(v_next) - float(v), rel=1e-4, abs=1e-5)
-    assert float(new.obs[-1]) == pytest.approx(1 / 100 - 0.5)  # time feature t/T - 0.5 at t=1
+    # the reference's time feature: -0.5 at the reset and after the first step, then (t-1)/T - 0.5
+    assert float(state.obs[-1]) == float(new.obs[-1]) == -0.5
     assert int(new.t) == 1 and int(new.step) == 1
+    assert float(step(new, random_transition(np.random.default_rng(9)))[0].obs[-1]) == pytest.approx(1 / 100 - 0.5)
     assert all(np.any(e != 0) for e in traces(new.actor)[:1] + traces(new.critic)[:1])
-    # the episode ends: traces of both modules are zeroed, the return trace of reward scaling too
-    ended, _, _ = step(new, random_transition(rng, done=True))
+    # the episode ends: traces of both modules are zeroed; the return trace of reward scaling restarts
+    # at the last step itself (the reference's ScaleReward: z = γ(1-done)z + r), holding its reward only
+    last = random_transition(rng, done=True)
+    ended, _, _ = step(new, last)
     assert all(np.all(e == 0) for e in traces(ended.actor) + traces(ended.critic))
-    assert float(ended.return_trace) == 0.0
+    assert float(new.return_trace) != 0.0 and float(ended.return_trace) == float(last[-3])
     assert not np.array_equal(np.asarray(ended.critic.params["value"]["kernel"]),
                               np.asarray(new.critic.params["value"]["kernel"]))  # the last step still learned
 
@@ -330,7 +334,7 @@ def test_run_directory_contract_checkpoints_and_exact_resume(tiny_envs, tmp_path
 def test_nan_reward_stops_with_a_numerical_fault(tiny_envs, tmp_path):
     cfg = stream_config(env=tiny_envs["SparserlStreamNaN-v0"], env_steps=2000, eval_every=1000,
                         checkpoint_every=100, run_dir=str(tmp_path / "nan"))
-    with pytest.raises(train.NumericalFault, match=r"td_error at agent step 30\d"):
+    with pytest.raises(rundir.NumericalFault, match=r"td_error at agent step 30\d"):
         train.train(cfg, log=lambda m: None)
     assert "td_error" in (tmp_path / "nan" / "error.txt").read_text()
     assert max(checkpoint.complete_steps(tmp_path / "nan" / "checkpoints")) <= 300

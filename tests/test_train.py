@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sparserl import config, envs, train
+from sparserl import config, envs, rundir, train
 
 TINY = {"env": "cartpole-balance", "env_steps": 2000, "warmup_steps": 300, "eval_every": 1000,
         "eval_episodes": 1, "final_eval_episodes": 2, "batch_size": 32, "actor.width": 16,
@@ -31,11 +31,13 @@ def test_run_directory_contents(tmp_path):
     assert saved == cfg
 
     rows = read_rows(run_dir)
-    assert [int(r["env_step"]) for r in rows] == [1000, 2000]
-    assert [int(r["eval_episodes"]) for r in rows] == [1, 2]  # the last row is the final evaluation
-    assert list(rows[0]) == list(train.metric_columns(cfg))
-    # learning starts after 300 agent steps, so both rows carry update metrics
-    for r in rows:
+    # a row at env step 0 (the untrained policy, as the reference evaluates it), then every eval_every
+    assert [int(r["env_step"]) for r in rows] == [0, 1000, 2000]
+    assert [int(r["eval_episodes"]) for r in rows] == [1, 1, 2]  # the last row is the final evaluation
+    assert list(rows[0]) == list(rundir.metric_columns(cfg))
+    assert rows[0]["critic_loss"] == "" and rows[0]["agent_step"] == "0"
+    # learning starts after 300 agent steps, so both later rows carry update metrics
+    for r in rows[1:]:
         assert float(r["critic_loss"]) >= 0 and np.isfinite(float(r["critic_loss"]))
         assert 0 < float(r["temperature"])
         assert float(r["steps_per_s"]) > 0
@@ -86,7 +88,8 @@ def test_everything_compiles_before_the_first_step(tmp_path):
 def test_no_update_metrics_during_warmup(tmp_path):
     cfg = config.build({**TINY, "env_steps": 1000, "warmup_steps": 10_000, "run_dir": str(tmp_path / "r")})
     train.train(cfg)
-    (row,) = read_rows(tmp_path / "r")
+    step0, row = read_rows(tmp_path / "r")  # the step-0 row and the final one
+    assert int(step0["env_step"]) == 0 and int(row["env_step"]) == 1000
     assert row["critic_loss"] == "" and row["eval_return"] != ""
 
 

@@ -41,7 +41,7 @@ def normalize(obs: jax.Array, stats: ObsStats) -> jax.Array:
 
 
 def optimizer(cfg: Config, mask) -> optax.GradientTransformation:
-    return sparsity.sparse_adamw(cfg.lr, cfg.weight_decay, mask)
+    return sparsity.sparse_adamw(cfg.lr, cfg.weight_decay, mask, cfg.weight_decay_on)
 
 
 def init_module(cfg: Config, name: str, params, module_sparsity: float, always_dense=(),

@@ -6,10 +6,17 @@ Three sparse modules, each with its own mask and Adam state:
   (:func:`sparserl.networks.conv_encoder`); trained by the critic loss only.
 * ``actor``: its trunk ``Linear(50) + LayerNorm + tanh`` on the (stop-gradient) encoder features,
   an MLP or SimBa encoder of width ``actor.width``, and a ``tanh(Dense)`` mean. Exploration noise
-  has a scheduled std (``drqv2.std_start -> std_end`` over ``drqv2.std_steps`` env steps).
+  has a scheduled std (``drqv2.std_start -> std_end`` linearly over ``drqv2.std_steps`` *agent*
+  steps, counted from the run's start, as DrQ-v2's ``linear(1.0,0.1,500000)``).
 * ``critic``: its own trunk and two Q networks (double Q; the target is their minimum); the
   ``H -> 1`` heads stay dense. The target critic (trunk and Qs) is a Polyak copy (tau 0.01);
   the encoder has no target copy: next observations go through the online encoder.
+
+Initialisation as DrQ-v2's ``weight_init``: every Linear kernel (trunks, MLP layers, heads)
+orthogonal with gain 1, every conv kernel orthogonal with gain sqrt(2), biases zero (SimBa blocks,
+``arch=simba``, keep their own He-normal init). Noisy actions are ``mu + clip(std * N(0,1), ±c)``
+clamped to ``[-1+1e-6, 1-1e-6]`` by a *straight-through* clamp (DrQ-v2's ``TruncatedNormal``): the
+value is clamped, the gradient passes as if it were not, so saturated dimensions still train the actor.
 
 One gradient step: random-shift augmentation (replicate-pad ``drqv2.aug_pad``, random crop back)
 of ``obs`` and ``next_obs``; the critic and encoder step on the n-step TD loss (the buffer gives the
@@ -53,20 +60,35 @@ def repr_dim(cfg: Config) -> int:
     return networks.conv_out_size(cfg.render.size, cfg.encoder.layers) ** 2 * cfg.encoder.channels
 
 
+def init_encoder(key, in_dim: int, width: int, blocks: int, arch: str) -> dict:
+    """:func:`networks.init_encoder` with DrQ-v2's init for ``arch=mlp``: every layer orthogonal
+    (gain 1, zero bias; the library's MLP draws its hidden layers He-normal). SimBa is unchanged."""
+    params = networks.init_encoder(key, in_dim, width, blocks, arch)
+    if arch == "mlp":
+        keys = jax.random.split(key, 2 * blocks + 1)  # the keys networks.init_encoder gives each layer
+        for i in range(blocks):
+            params[f"layer{i}"] = networks.init_dense(keys[2 * i + 1], width, width)
+    return params
+
+
 def init_actor_params(key, action_dim: int, cfg: Config) -> dict:
     k_trunk, k_enc, k_head = jax.random.split(key, 3)
     f = cfg.encoder.feature_dim
     return {"trunk": networks.init_trunk(k_trunk, repr_dim(cfg), f),
-            "encoder": networks.init_encoder(k_enc, f, cfg.actor.width, cfg.actor.blocks, cfg.arch),
+            "encoder": init_encoder(k_enc, f, cfg.actor.width, cfg.actor.blocks, cfg.arch),
             "mean": networks.init_dense(k_head, cfg.actor.width, action_dim)}
 
 
 def init_critic_params(key, action_dim: int, cfg: Config) -> dict:
+    """Trunk and two Q networks (``q0``, ``q1``: encoder on concat(features, action), dense H -> 1 head),
+    keyed as :func:`networks.init_critic` keys them."""
     k_trunk, k_q = jax.random.split(key)
     f = cfg.encoder.feature_dim
     params = {"trunk": networks.init_trunk(k_trunk, repr_dim(cfg), f)}
-    qs = networks.init_critic(k_q, f, action_dim, cfg.critic.width, cfg.critic.blocks, cfg.arch, num_q=2)
-    params.update(qs)
+    for i, k in enumerate(jax.random.split(k_q, 2)):
+        k_enc, k_head = jax.random.split(k)
+        params[f"q{i}"] = {"encoder": init_encoder(k_enc, f + action_dim, cfg.critic.width, cfg.critic.blocks, cfg.arch),
+                           "head": networks.init_dense(k_head, cfg.critic.width, 1)}
     return params
 
 
@@ -86,10 +108,12 @@ def policy_params(state: DrQv2State) -> dict:
     return {"encoder": state.encoder.params, "actor": state.actor.params}
 
 
-def schedule_std(cfg: Config, env_step) -> jax.Array:
+def schedule_std(cfg: Config, agent_step) -> jax.Array:
+    """Exploration std at ``agent_step``: linear from ``std_start`` (step 0) to ``std_end`` (step
+    ``std_steps``), then constant (DrQ-v2's ``linear(init, final, duration)`` of its global step)."""
     d = cfg.drqv2
-    frac = jnp.clip(jnp.asarray(env_step, jnp.float32) / d.std_steps, 0.0, 1.0)
-    return d.std_start + frac * (d.std_end - d.std_start)
+    frac = jnp.clip(jnp.asarray(agent_step, jnp.float32) / d.std_steps, 0.0, 1.0)
+    return (1.0 - frac) * d.std_start + frac * d.std_end
 
 
 def mean_action(actor_params, features) -> jax.Array:
@@ -104,11 +128,20 @@ def q_values(critic_params, features, action) -> jax.Array:
     return networks.critic(qs, h, action)
 
 
+CLAMP_EPS = 1e-6  # DrQ-v2's TruncatedNormal clamps samples to [-1 + eps, 1 - eps]
+
+
+def straight_through_clamp(x: jax.Array, low: float = -1.0 + CLAMP_EPS, high: float = 1.0 - CLAMP_EPS) -> jax.Array:
+    """The value of ``clip(x, low, high)`` with the gradient of ``x`` (identity): DrQ-v2's
+    ``x - x.detach() + clamped.detach()``."""
+    return x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(jnp.clip(x, low, high))
+
+
 def _noisy(mu, std, key, clip: float | None) -> jax.Array:
     noise = std * jax.random.normal(key, mu.shape)
     if clip is not None:
         noise = jnp.clip(noise, -clip, clip)
-    return jnp.clip(mu + noise, -1.0, 1.0)
+    return straight_through_clamp(mu + noise)
 
 
 def act(params, obs: jax.Array, key: jax.Array, deterministic: bool, cfg: Config, step=0) -> jax.Array:
@@ -116,7 +149,7 @@ def act(params, obs: jax.Array, key: jax.Array, deterministic: bool, cfg: Config
     mu = mean_action(params["actor"], networks.conv_encoder(params["encoder"], obs))
     if deterministic:
         return mu
-    return _noisy(mu, schedule_std(cfg, step * cfg.action_repeat), key, None)
+    return _noisy(mu, schedule_std(cfg, step), key, None)
 
 
 def random_shift(obs: jax.Array, key: jax.Array, pad: int) -> jax.Array:
@@ -131,9 +164,14 @@ def random_shift(obs: jax.Array, key: jax.Array, pad: int) -> jax.Array:
     return jax.vmap(crop)(padded, offsets)
 
 
+def update_agent_step(state: DrQv2State, cfg: Config) -> jax.Array:
+    """The agent step of the update call about to run: the loop calls the update (``utd`` gradient
+    steps) at agent steps ``warmup_steps + k * update_every``, k = 0, 1, ..."""
+    return cfg.warmup_steps + (state.step // cfg.utd) * cfg.update_every
+
+
 def _train_std(state: DrQv2State, cfg: Config) -> jax.Array:
-    agent_step = cfg.warmup_steps + state.step // cfg.utd
-    return schedule_std(cfg, agent_step * cfg.action_repeat)
+    return schedule_std(cfg, update_agent_step(state, cfg))
 
 
 def critic_loss_fn(enc_params, critic_params, obs, action, target_q):

@@ -13,9 +13,13 @@ Read top to bottom:
    ERK by default, the critic's value head dense) that keeps the pruned weights at zero forever:
    gradients are masked before they enter the traces and the ObGD update is masked again.
 3. Inputs: observations normalised by Welford running statistics (updated with every observation,
-   as the reference's wrapper does), with a time feature ``t/T - 0.5`` appended (``T`` the
-   episode's time limit in agent steps); rewards divided by the running std of the discounted
-   return (reset at episode end).
+   as the reference's wrapper does; float32 on the device, the reference's are float64 in numpy,
+   see docs/streaming.md), with the reference's time feature appended: ``max(t-1, 0)/T - 0.5`` for
+   the observation ``t`` agent steps into the episode (``T`` the episode's time limit in agent
+   steps; the reset observation and the first step's both read -0.5, as the reference's
+   ``AddTimeInfo``); rewards divided by the running std of the discounted return
+   ``z ← γ(1-done)z + r`` (the reference's ``ScaleReward``: the trace restarts *at* the episode's
+   last step, which contributes its own reward only).
 4. The per-step update (:func:`step`, one jitted call per env step): TD error
    ``δ = r + γ(1-done)V(s') - V(s)`` — with the time feature, a time-limit end is part of the
    state and is treated as terminal, as in the reference; the critic's trace gets ``∇V(s)``, the
@@ -175,11 +179,18 @@ def init(cfg: Config, obs_dim: int, action_dim: int) -> State:
 # 3. Inputs
 
 
+def time_feature(t: jax.Array, time_limit: int) -> jax.Array:
+    """The reference's (``AddTimeInfo``) feature of the observation ``t`` agent steps into an episode:
+    -0.5 at the reset and after the first step, then ``(t-1)/T - 0.5`` (it appends the episode time
+    *before* advancing it by ``1/T``)."""
+    return (jnp.maximum(t - 1, 0) / time_limit - 0.5).astype(jnp.float32)
+
+
 def observe(state: State, obs_raw: jax.Array, t: jax.Array, cfg: Config, time_limit: int) -> tuple[State, jax.Array]:
     """Update the observation statistics with ``obs_raw``; return it normalised, time feature appended."""
     stats = state.obs_stats.update(obs_raw) if cfg.obs_norm else state.obs_stats
     x = (obs_raw - stats.mean) / jnp.sqrt(stats.var + 1e-8) if cfg.obs_norm else obs_raw
-    x = jnp.concatenate([x, (t / time_limit - 0.5)[None].astype(jnp.float32)])
+    x = jnp.concatenate([x, time_feature(t, time_limit)[None]])
     return state._replace(obs_stats=stats), x
 
 
@@ -247,11 +258,11 @@ def step(state: State, transition: jax.Array, cfg: Config, time_limit: int) -> t
     done = jnp.maximum(terminated, truncated)
     t_next = state.t + 1
     state, s_next = observe(state, next_obs, t_next, cfg, time_limit)
-    if cfg.stream.reward_scale:
-        trace = cfg.gamma * state.return_trace + reward
+    if cfg.stream.reward_scale:  # the reference's ScaleReward: the trace restarts at the last step itself
+        trace = cfg.gamma * (1.0 - done) * state.return_trace + reward
         ret = state.return_stats.update(trace)
         r = reward / jnp.sqrt(ret.var + 1e-8)
-        state = state._replace(return_stats=ret, return_trace=jnp.where(done > 0, 0.0, trace))
+        state = state._replace(return_stats=ret, return_trace=trace)
     else:
         r = reward
     state, metrics = learn(state, state.obs, state.action, r, s_next, done, cfg)
