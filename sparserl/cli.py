@@ -28,8 +28,8 @@ EXIT_DISK_FULL = 4  # the disk filled up; the previous checkpoint is kept, rerun
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
       sparserl train env=cartpole-balance env_steps=20000 critic.width=256
-      sparserl train configs/humanoid_run.yaml critic.sparsity=0.9 seed=1
-      sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 critic.sparsity=0.9
+      sparserl train configs/humanoid_run.yaml actor.sparsity=0.9 critic.sparsity=0.9 seed=1
+      sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 actor.sparsity=0.9 critic.sparsity=0.9
       sparserl train env=gym:HalfCheetah-v5 action_repeat=1
       sparserl train configs/stream_ac.yaml env=gym:Walker2d-v5 init=sparse_init        # streaming Stream AC(λ)
       sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
@@ -43,8 +43,8 @@ TRAIN_EPILOG = textwrap.dedent("""\
 INSPECT_EPILOG = textwrap.dedent("""\
     examples:
       sparserl inspect                                  # default SAC on humanoid-run (4,394,923 params)
-      sparserl inspect critic.sparsity=0.9 --json
-      sparserl inspect critic.width=2048 critic.blocks=3 actor.width=1024 critic.sparsity=0.9 --no-flops""")
+      sparserl inspect actor.sparsity=0.9 critic.sparsity=0.9 --json
+      sparserl inspect critic.width=2048 critic.blocks=3 actor.width=1024 actor.sparsity=0.9 critic.sparsity=0.9 --no-flops""")
 
 DIAGNOSE_EPILOG = textwrap.dedent("""\
     examples:
@@ -188,7 +188,7 @@ def cmd_ls(ns) -> int:
 
     root = Path(ns.runs_dir)
     if not root.is_dir():
-        raise ConfigError(f"RUNS_DIR {ns.runs_dir!r}: no such directory")
+        raise ConfigError(f"RUNS_DIR {ns.runs_dir!r}: " + ("not a directory" if root.exists() else "no such directory"))
     found = runs.find_runs(root)
     if not found:
         print(f"no runs under {root}")

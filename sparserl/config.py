@@ -568,6 +568,9 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         raise ConfigError(f"buffer_size={cfg.buffer_size}: smaller than batch_size={cfg.batch_size}; a minibatch "
                           f"would repeat transitions (raise buffer_size or lower batch_size)")
     _check_agent_sections(cfg)
+    if cfg.diag_grad_samples > cfg.diag_probe_size:
+        raise ConfigError(f"diag_grad_samples={cfg.diag_grad_samples}: at most diag_probe_size={cfg.diag_probe_size} "
+                          f"(the per-sample gradients come from the probe set)")
     if cfg.name is not None and (cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\")
                                  or any(ord(c) < 32 or ord(c) == 127 for c in cfg.name)):
         raise ConfigError(f"name={cfg.name!r}: must be a plain file name (no path separators or control characters, "

@@ -54,6 +54,10 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
 
     env = envs.make_for(cfg, 0)
     agent = agents.get(cfg.agent)
+    from sparserl import preflight
+
+    if cfg.pixels or 16 * max(cfg.actor.width, cfg.critic.width) ** 2 > preflight.MAX_EXACT_MASK:  # else all fit
+        preflight.check_mask_sizes(cfg, preflight.model_memory(cfg, env.obs_dim, env.action_dim)["largest_kernel"])
     with sparsity.counting_draws() as draws:
         state = jax.eval_shape(lambda: agent.init(cfg, env.obs_dim, env.action_dim))
     total = sum(int(np.prod(x.shape)) for m in agents.modules(state).values()

@@ -143,12 +143,33 @@ def model_memory(cfg: Config, obs_dim: int | None = None, action_dim: int | None
     activations = 3 * 4 * batch * hidden * (2 if cfg.critic.cdq else 1)
     if cfg.pixels:
         activations += 3 * 4 * batch * cfg.encoder.channels * (cfg.render.size // 2) ** 2 * cfg.encoder.layers
+    if cfg.diag_every and cfg.agent != "stream_ac":  # diagnostics: per-sample gradients, the probe set's features
+        activations = max(activations, min(cfg.diag_grad_samples, cfg.diag_probe_size) * grads
+                          + 4 * cfg.diag_probe_size * hidden)
     flat_replay = 0
     if cfg.agent != "stream_ac" and not cfg.pixels:
         flat_replay = replay.capacity(cfg) * (2 * obs_dim + action_dim + 2) * 4
     state_bytes = _nbytes(state)
+    largest = {name: max([math.prod(x.shape) for x in jax.tree_util.tree_leaves(m.params) if x.ndim >= 2] or [0])
+               for name, m in modules.items()}
     return {"params": params, "state": state_bytes, "grads": grads, "activations": activations,
-            "model": state_bytes + grads + activations, "replay": flat_replay}
+            "model": state_bytes + grads + activations, "replay": flat_replay, "largest_kernel": largest}
+
+
+MAX_EXACT_MASK = 2**31 - 1  # sparsity.draw=exact permutes int32 indices: at most this many entries per tensor
+
+
+def check_mask_sizes(cfg: Config, largest_kernel: dict[str, int]) -> None:
+    """Refuse an exact-count mask over a tensor too large for its int32 permutation (before drawing it)."""
+    if cfg.sparsity.draw != "exact":
+        return
+    for name, n in largest_kernel.items():
+        key = f"{name}.sparsity"
+        sparsity = getattr(getattr(cfg, name), "sparsity", 0.0)
+        if sparsity > 0 and n > MAX_EXACT_MASK:
+            raise ConfigError(f"{key}={sparsity:g}: a {name} tensor of {n:,} entries is too large for "
+                              f"sparsity.draw=exact (at most {MAX_EXACT_MASK:,}); use sparsity.draw=bernoulli "
+                              f"or smaller widths")
 
 
 def _gb(n: float) -> str:
@@ -161,6 +182,7 @@ def check_model_fits(cfg: Config, obs_dim: int | None = None, action_dim: int | 
     networks or flat replay buffer cannot fit, before anything is allocated. Returns the estimate
     of :func:`model_memory` (per seed). ``num_seeds``: seeds trained together (default: the config's)."""
     est = model_memory(cfg, obs_dim, action_dim)
+    check_mask_sizes(cfg, est["largest_kernel"])
     n = len(cfg.seed_list) if num_seeds is None else num_seeds
     where = "memory"
     if available is None:

@@ -177,6 +177,7 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
                 t = timers.add("checkpoint", t)
         save(cfg.agent_steps)
     except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault
+        check_faults(jax.device_get(sums), jax.device_get(norms_fn(state)), agent_step)  # the root cause, if any
         raise rundir.numerical_fault(run_dir, str(fault), agent_step, cfg.action_repeat) from None
     finally:
         bar.close()

@@ -610,6 +610,7 @@ def train_replay(cfg: Config, seed_cfgs: list[Config], statuses: list[str], log:
                 timers.add("checkpoint", t)
         save_checkpoints(cfg.agent_steps)
     except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault of that seed
+        check_faults(group.host_sums(), group.param_norms(), agent_step)  # name the root cause (a loss) if any
         s = seeds[getattr(fault, "seed_index", 0)]
         raise rundir.numerical_fault(s.run_dir, str(fault), agent_step, cfg.action_repeat) from None
     finally:

@@ -2,6 +2,7 @@
 code must), the critic-only ablation keeps the actor dense, tied sweep axes, and the table of
 non-reference options (sparserl/fidelity.py) with what `sparserl inspect` prints from it."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparserl import cli, config, fidelity, sweep
+from sparserl import cli, config, fidelity, inspection, sweep
 from sparserl.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,8 +19,13 @@ TIED = ("scaling_sac", "scaling_ddpg", "width_scaling", "depth_scaling", "sparsi
         "diagnostics", "reset_probe", "visual", "streaming")
 
 
+@functools.lru_cache(maxsize=None)
+def _expand(preset: str, scale: str) -> sweep.Sweep:
+    return sweep.expand(sweep.resolve_preset(preset), scale)
+
+
 def _sparsities(preset: str, scale: str) -> list[tuple[float, float]]:
-    s = sweep.expand(sweep.resolve_preset(preset), scale)
+    s = _expand(preset, scale)
     out = []
     for pt in s.points:
         cfg = pt.config(pt.seeds[0], Path("."))
@@ -48,7 +54,7 @@ def test_sparse_points_have_actor_as_sparse_as_critic(preset, scale):
 
 def test_sparsity_sweep_ties_actor_and_critic_at_every_level():
     levels = [round(0.1 * i, 1) for i in range(10)]
-    s = sweep.expand(sweep.resolve_preset("sparsity_sweep"), "full")
+    s = _expand("sparsity_sweep", "full")
     assert len(s.points) == 40 and s.num_runs == 200
     assert "actor.sparsity+critic.sparsity" in s.axes
     pairs = _sparsities("sparsity_sweep", "full")
@@ -64,14 +70,14 @@ def test_critic_only_ablation_keeps_the_actor_dense(scale):
     pairs = _sparsities("sparsity_sweep_critic_only", scale)
     assert all(a == 0.0 for a, _ in pairs)
     assert any(c > 0 for _, c in pairs) and any(c == 0 for _, c in pairs)
-    s = sweep.expand(sweep.resolve_preset("sparsity_sweep_critic_only"), scale)
+    s = _expand("sparsity_sweep_critic_only", scale)
     flagged = [pt for pt in s.points if "critic.sparsity" in fidelity.non_reference_options(pt.config(0, Path(".")))]
     assert len(flagged) == sum(c > 0 for _, c in pairs)
 
 
 def test_full_ablation_has_the_same_grid_as_the_sweep():
-    tied = sweep.expand(sweep.resolve_preset("sparsity_sweep"), "full")
-    ablation = sweep.expand(sweep.resolve_preset("sparsity_sweep_critic_only"), "full")
+    tied = _expand("sparsity_sweep", "full")
+    ablation = _expand("sparsity_sweep_critic_only", "full")
     assert ablation.num_runs == tied.num_runs == 200
     assert sorted({c for _, c in _sparsities("sparsity_sweep_critic_only", "full")}) == \
         sorted({c for _, c in _sparsities("sparsity_sweep", "full")})
@@ -88,7 +94,7 @@ def test_single_run_presets_sparsify_actor_with_critic(preset):
 def test_equal_nonzero_small_points_match_in_non_zeros():
     from sparserl import inspection
 
-    s = sweep.expand(sweep.resolve_preset("equal_nonzero"), "small")
+    s = _expand("equal_nonzero", "small")
     counts = {pt.labels["model"]: inspection.abstract_cost(pt.config(0, Path(".")))["nonzero_params"]
               for pt in s.points}
     assert counts == {"sparse-2.1M": 213_972, "dense-214k": 214_000}
@@ -235,16 +241,18 @@ TINY = ["--no-flops", "env=cartpole-balance", "actor.width=8", "critic.width=8",
 
 
 def test_inspect_prints_the_non_reference_options(capsys):
-    assert cli.main(["inspect", *TINY]) == 0
-    assert "non-reference options: none" in capsys.readouterr().out
-    assert cli.main(["inspect", *TINY, "critic.sparsity=0.5", "weight_decay_on=kernels"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("non-reference options:"))
-    assert "critic.sparsity=0.5 with actor.sparsity=0" in line
-    assert "sparsity.draw=exact (reference: bernoulli)" in line and "weight_decay_on=kernels (reference: all)" in line
-    assert cli.main(["inspect", "--json", *TINY, "weight_decay_on=kernels"]) == 0
+    assert cli.main(["inspect", "--json", *TINY, "critic.sparsity=0.5", "weight_decay_on=kernels"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["non_reference_options"] == ["weight_decay_on"]
-    assert report["non_reference_details"] == ["weight_decay_on=kernels (reference: all)"]
+    assert report["non_reference_options"] == ["critic.sparsity", "sparsity.draw", "weight_decay_on"]
+    assert report["non_reference_details"][1:] == ["sparsity.draw=exact (reference: bernoulli)",
+                                                   "weight_decay_on=kernels (reference: all)"]
+    # The table `sparserl inspect` prints ends with the same, on one line.
+    line = inspection.format_table(report).splitlines()[-1]
+    assert line.startswith("non-reference options: critic.sparsity=0.5 with actor.sparsity=0")
+    assert "sparsity.draw=exact (reference: bernoulli); weight_decay_on=kernels (reference: all)" in line
+    reference = {"agent": "sac", "env": "cartpole-balance", "obs_dim": 5, "action_dim": 1, "total_params": 0,
+                 "nonzero_params": 0, "non_reference_options": [], "non_reference_details": []}
+    assert inspection.format_table(reference).splitlines()[-1] == "non-reference options: none"
 
 
 def test_docs_mention_the_tied_axis_and_the_ablation():

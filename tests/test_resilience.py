@@ -70,10 +70,12 @@ def _cwd(tmp_path, monkeypatch):
 
 
 def run_main(argv, capsys):
-    """The CLI in-process: (exit code, stdout, non-empty stderr lines)."""
+    """The CLI in-process: (exit code, stdout, the ``sparserl:`` lines of stderr -- a run's own
+    progress lines, such as the step-0 evaluation, are left out)."""
     rc = main(argv)
     out, err = capsys.readouterr()
-    return rc, out, [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    return rc, out, [line for line in err.splitlines() if line.startswith("sparserl")]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def reference(tmp_path_factory):
 def test_reference_run_layout(reference):
     run_dir, summary, messages = reference
     rows = read_csv(run_dir)
-    assert [int(r[0]) for r in rows[1:]] == [1000, 2000, 3000, 4000, 5000, 6000]
+    assert [int(r[0]) for r in rows[1:]] == [0, 1000, 2000, 3000, 4000, 5000, 6000]  # step 0: untrained policy
     assert checkpoint_files(run_dir) == ["step_0000002000.json", "step_0000002000.npz",
                                          "step_0000003000.json", "step_0000003000.npz"]
     assert (run_dir / "summary.json").is_file() and not (run_dir / "error.txt").exists()
@@ -135,7 +137,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
     assert "final_return" in second.stdout
 
     assert_same_metrics(run_dir, ref_dir)
-    assert len(read_csv(run_dir)) == len(read_csv(ref_dir)) == 7
+    assert len(read_csv(run_dir)) == len(read_csv(ref_dir)) == 8  # header, step 0, 1000 ... 6000
     assert (run_dir / "summary.json").is_file()
     # keep_checkpoints=2: the old checkpoint 1000 is gone, no temporary files are left behind
     assert checkpoint_files(run_dir) == checkpoint_files(ref_dir)
@@ -179,7 +181,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
     assert (ckpt / "step_0000003000.json.corrupt").read_text() == json_text
     assert checkpoint.complete_steps(ckpt) == [2000, 3000]
     arrays, meta = checkpoint.load(ckpt, 3000)  # the rewritten final checkpoint is valid
-    assert meta["agent_step"] == 3000 and meta["csv_rows"] == 6
+    assert meta["agent_step"] == 3000 and meta["csv_rows"] == 7  # the step-0 row counts
 
     assert_same_metrics(run_dir, ref_dir)
     assert summary["final_return"] == reference[1]["final_return"]
@@ -293,7 +295,7 @@ def test_nan_reward_stops_with_numerical_fault(nan_env, tmp_path, capsys):
             if key.startswith("state/") and np.issubdtype(value.dtype, np.floating):
                 assert np.isfinite(value).all(), key
         assert np.isfinite(arrays["buffer/reward"]).all()
-    assert len(read_csv(run_dir)) == 1  # header only: no evaluation was reached
+    assert len(read_csv(run_dir)) == 2  # header and the step-0 row: no later evaluation was reached
 
     # through the CLI: exit code 3 and one line naming the quantity
     cli_dir = tmp_path / "nan_cli"
@@ -337,7 +339,7 @@ def test_multi_seed_loop_equals_single_seed_runs(tmp_path):
     single = tmp_path / "single1"
     summary1 = train.train(config.from_args(None, short + ["seed=1", f"run_dir={single}"]), log=lambda m: None)
     assert_same_metrics(multi / "seed1", single)
-    assert len(read_csv(single)) == 1 + 3
+    assert len(read_csv(single)) == 1 + 4  # header, env steps 0, 1000, 2000, 3000
     assert summary1["final_return"] == summaries[1]["final_return"]
     # the two seeds really are different runs
     assert without_timing(multi / "seed0")[1:] != without_timing(multi / "seed1")[1:]

@@ -256,7 +256,11 @@ def test_output_dir_check_writes_nothing_and_accepts_good_paths(tmp_path):
     (["diagnose", "--simplicity", "--widths", "8,200000", "--out", "s"], ["--widths", "200000", "GB", "available"]),
     (["train", "env=cartpole-balance", "actor.width=100000", "critic.width=100000", "seeds=0,1", "run_dir=r"],
      ["actor.width=100000", "2 seeds"]),
-], ids=["train", "inspect", "diagnose-simplicity", "train-seeds"])
+    (["inspect", "env=cartpole-balance", "critic.width=200000", "critic.sparsity=0.9"],
+     ["critic.sparsity", "sparsity.draw=exact"]),
+    (["sweep", "tiny.yaml", "--dry-run", "critic.width=200000", "critic.sparsity=0.9"],
+     ["critic.sparsity", "sparsity.draw=exact"]),
+], ids=["train", "inspect", "diagnose-simplicity", "train-seeds", "inspect-sparse-mask", "sweep-dry-run-sparse-mask"])
 def test_models_that_cannot_fit_are_refused(argv, words, ws, capsys):
     assert_refused(argv, capsys, ws, *words)
 
@@ -356,6 +360,9 @@ def test_wandb_credentials_from_the_environment_or_netrc(ws, no_wandb_login, mon
     (["train", *TINY, "stream.alpha=0.5"], ["stream.alpha", "stream_ac"]),
     (["train", *TINY, "agent=stream_ac", "sac.log_std_min=-5"], ["sac.log_std_min"]),
     (["diagnose", "--simplicity", "critic.width=200000"], ["critic.width", "--widths"]),
+    (["train", *TINY, "diag_probe_size=16", "diag_grad_samples=32"], ["diag_grad_samples=32"]),
+    (["sweep", "tiny.yaml", "--bench", "b.json"], ["--bench", "--dry-run"]),
+    (["ls", "afile"], ["afile", "not a directory"]),
 ])
 def test_wrong_input_is_refused(argv, words, ws, capsys):
     fake_run(ws / "runs" / "good")

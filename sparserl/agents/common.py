@@ -64,11 +64,26 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def masked_global_norm(tree, mask) -> jax.Array:
+    """Global L2 norm of ``tree`` over kept coordinates only (``mask`` True): the norm of the gradient
+    a masked step actually applies (the reference logs this one). Dense leaves (scalar masks) are a
+    plain ``vdot``; a sparse leaf's ``where(m, g*g, 0)`` shares ``g*g`` with Adam's second moment and
+    is fused with it, so masking adds only a read of the 1-byte mask, no extra pass over the gradient."""
+    total = jnp.zeros((), jnp.float32)
+    for x, m in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(mask)):
+        if jnp.ndim(m) == 0:
+            total = total + jnp.where(m, jnp.vdot(x, x), 0)
+        else:
+            total = total + jnp.sum(jnp.where(m, x * x, jnp.zeros((), x.dtype)))
+    return jnp.sqrt(total)
+
+
 def step_module(cfg: Config, module: Module, grads) -> tuple[Module, jax.Array]:
-    """One masked AdamW step; returns the new module and the gradient's global norm."""
+    """One masked AdamW step; returns the new module and the global norm of the applied gradient
+    (over kept weights: pruned coordinates are never applied, so they are not counted)."""
     updates, opt_state = optimizer(cfg, module.mask).update(grads, module.opt_state, module.params)
     params = optax.apply_updates(module.params, updates)
-    return Module(params, opt_state, module.mask), global_norm(grads)
+    return Module(params, opt_state, module.mask), masked_global_norm(grads, module.mask)
 
 
 def init_critic(cfg: Config, key, obs_dim: int, action_dim: int) -> Module:
