@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparserl import agents, config, inspection, train
+from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
 
 OBS_DIM, ACTION_DIM = 67, 21  # humanoid
@@ -144,7 +145,7 @@ def stream_benchmark(width: int, seconds: float, loop_steps: int) -> dict:
     flops = stream_ac.update_flops(cfg, state, env.obs_dim, env.action_dim)
     step, begin = stream.make_step(cfg, env.time_limit)
     state, _ = begin(state, env.reset())
-    holder = [state, train.fresh_sums(stream_ac)]
+    holder = [state, common.fresh_sums(stream_ac)]
     transition = stream_ac.pack(env.reset(), 1.0, False, False)
 
     def one():

@@ -9,7 +9,6 @@ line naming the key and what is allowed. Configs are frozen and hashable, so the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 import unicodedata
@@ -19,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration (reported as one line, exit code 2)."""
+from sparserl.errors import ConfigError, suggest  # noqa: F401  (re-exported: the config's error type)
 
 
 def _opt(default, *, choices=None, low=None, high=None, low_open=False, high_open=False, doc=""):
@@ -344,11 +341,6 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
         lb = "(" if meta.get("low_open") or low is None else "["
         rb = ")" if meta.get("high_open") or high is None else "]"
         raise ConfigError(f"{key}={value!r}: must be in {lb}{lo}, {hi}{rb}")
-
-
-def suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

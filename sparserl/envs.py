@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from sparserl.config import ConfigError, suggest
+from sparserl.errors import ConfigError, suggest
 
 # Headless rendering on a machine without a display; harmless for state-based tasks.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -280,6 +281,13 @@ def make(name: str, seed: int, action_repeat: int = 1, render: bool = False) -> 
     return DMCEnv(name, seed, action_repeat)
 
 
+class ObsStats(NamedTuple):
+    """Observation statistics the agents normalise by: ``(obs - mean) / std``."""
+
+    mean: Any
+    std: Any
+
+
 class RunningMeanStd:
     """Running mean/variance of observations (parallel-Welford update), kept on the host."""
 
@@ -304,7 +312,6 @@ class RunningMeanStd:
 
     def obs_stats(self, enabled: bool = True):
         """float32 ``ObsStats`` for the networks; identity (0, 1) when normalisation is off."""
-        from sparserl.agents.common import ObsStats
 
         if not enabled:
             return ObsStats(np.zeros(self.mean.shape, np.float32), np.ones(self.mean.shape, np.float32))

@@ -71,7 +71,6 @@ def abstract_cost(cfg: Config) -> dict[str, Any]:
 
 
 def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
-    from sparserl.train import model_stats
 
     from sparserl import preflight
 
@@ -81,7 +80,7 @@ def inspect(cfg: Config, flops: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"agent": cfg.agent, "env": cfg.env, "obs_dim": env.obs_dim,
                               "action_dim": env.action_dim}
     total = nonzero = 0
-    for name, s in model_stats(state).items():
+    for name, s in agents.model_stats(state).items():
         report[name] = {"total_params": s["total_params"], "nonzero_params": s["nonzero_params"],
                         "sparsity": s["sparsity"], "layers": [_layer_row(l) for l in s["layers"]]}
         total += s["total_params"]

@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,15 @@ def write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> N
         runs.plot_curves(run_dir)
     except Exception as e:  # noqa: BLE001
         log(f"[{run_dir.name}] warning: could not draw curves.png ({e})")
+
+
+class Timers:
+    """Wall-time accounting per phase (env, act, update, eval, log, checkpoint)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = dict(seconds or {})
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now

@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import checkpoint, envs, loggers, rundir
+from sparserl import agents, checkpoint, envs, loggers, rundir
 from sparserl.agents import common, stream_ac
+from sparserl.agents.common import accumulate, fresh_sums
+from sparserl.rundir import Timers
 from sparserl.config import Config, to_yaml
-from sparserl.train import Timers, accumulate, fresh_sums, model_stats
 
 BAR_EVERY = 250  # agent steps between progress-bar refreshes
 
@@ -68,7 +69,7 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
     state = stream_ac.init(cfg, env.obs_dim, env.action_dim)
-    stats = model_stats(state)
+    stats = agents.model_stats(state)
     sums = fresh_sums(stream_ac)
 
     # Host-side counters (checkpointed with the state)

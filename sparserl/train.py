@@ -40,29 +40,14 @@ from tqdm.auto import tqdm
 
 from sparserl import agents, checkpoint, envs, loggers, probe, replay, rundir, sparsity
 from sparserl.agents import common
-from sparserl.agents.common import Batch, ObsStats, normalize
+from sparserl.agents.common import Batch, ObsStats, accumulate, fresh_sums, normalize
+from sparserl.rundir import Timers
 from sparserl.config import Config, ConfigError, to_yaml
-
-def model_stats(state) -> dict[str, Any]:
-    return {name: sparsity.stats(m.params, m.mask) for name, m in agents.modules(state).items()}
-
 
 def check_run_dirs(cfg: Config) -> list[str]:
     """Validate every seed's run directory (and the optional loggers asked for) before any compute."""
     loggers.check_available(cfg)
     return [rundir.check(c) for c in cfg.per_seed()]
-
-
-class Timers:
-    """Wall-time accounting per phase (env, act, update, eval, log, checkpoint)."""
-
-    def __init__(self, seconds: dict[str, float] | None = None):
-        self.seconds: dict[str, float] = dict(seconds or {})
-
-    def add(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
-        return now
 
 
 def evaluate(env: envs.Env, policy: Callable[[np.ndarray], np.ndarray], episodes: int) -> np.ndarray:
@@ -223,25 +208,6 @@ def _restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templa
 # The device side of all seeds: their agent states, the policy and the update
 
 
-def fresh_sums(agent) -> dict:
-    """Metric sums over a metrics row, plus the first numerical fault (quantity index, agent step)."""
-    sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
-    return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
-
-
-def accumulate(sums: dict, metrics: dict, names: tuple[str, ...], step) -> dict:
-    """Add one update's metrics to the row's sums and note the first non-finite one (on the device).
-
-    Losses and gradient norms turn non-finite as soon as any parameter does: checking these scalars
-    every step costs nothing, unlike a pass over all parameters."""
-    bad = jnp.stack([~jnp.isfinite(metrics[k]).all() for k in names])
-    new_fault = (sums["_fault"] < 0) & bad.any()
-    out = {k: sums[k] + metrics[k].mean() for k in names}
-    out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
-    out["_fault_step"] = jnp.where(new_fault, step, sums["_fault_step"])
-    return out
-
-
 class SeedGroup:
     """Agent states of all seeds, acted and updated together.
 
@@ -391,7 +357,7 @@ def train_replay(cfg: Config, seed_cfgs: list[Config], statuses: list[str], log:
     seeds = _make_seeds(seed_cfgs, log)
     obs_dim, action_dim = seeds[0].env.obs_dim, seeds[0].env.action_dim
     single_states = [agent.init(c, obs_dim, action_dim) for c in seed_cfgs]
-    stats = [model_stats(st) for st in single_states]
+    stats = [agents.model_stats(st) for st in single_states]
 
     # Resume: every seed from a checkpoint at the same agent step.
     start_step, wall_offset, timers, updates_in_row = 0, 0.0, Timers(), 0

@@ -6,6 +6,7 @@ instead of ``update`` (see :mod:`sparserl.stream`). Their states hold ``actor`` 
 
 from types import ModuleType
 
+from sparserl import sparsity
 from sparserl.agents import ddpg, drqv2, sac, stream_ac
 
 AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg, "drqv2": drqv2}  # replay agents: batched ``update``
@@ -28,3 +29,8 @@ def policy_params(state):
     if hasattr(state, "encoder"):
         return drqv2.policy_params(state)
     return state.actor.params
+
+
+def model_stats(state) -> dict:
+    """Per module: total and non-zero parameters and per-tensor sparsity (``model.json``)."""
+    return {name: sparsity.stats(m.params, m.mask) for name, m in modules(state).items()}

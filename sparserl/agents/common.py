@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from sparserl import networks, sparsity
+from sparserl.envs import ObsStats  # noqa: F401  (re-exported: what the agents normalise by)
 from sparserl.config import Config, ConfigError
 
 
@@ -29,11 +30,6 @@ class Batch(NamedTuple):
     reward: jax.Array
     discount: jax.Array  # 0 at a true terminal state, 1 otherwise (time limits bootstrap)
     next_obs: jax.Array
-
-
-class ObsStats(NamedTuple):
-    mean: jax.Array
-    std: jax.Array
 
 
 def normalize(obs: jax.Array, stats: ObsStats) -> jax.Array:
@@ -119,3 +115,22 @@ def scan_updates(update_step, state, batches: Batch, stats: ObsStats, cfg: Confi
     fuse across the step boundary. Unrolling more only lengthens compilation."""
     return jax.lax.scan(lambda s, b: update_step(s, b, stats, cfg), state, batches,
                         unroll=min(batches.reward.shape[0], 4))
+
+
+def fresh_sums(agent) -> dict:
+    """Metric sums over a metrics row, plus the first numerical fault (quantity index, agent step)."""
+    sums = {k: jnp.zeros((), jnp.float32) for k in agent.METRICS}
+    return {**sums, "_fault": jnp.array(-1, jnp.int32), "_fault_step": jnp.array(-1, jnp.int32)}
+
+
+def accumulate(sums: dict, metrics: dict, names: tuple[str, ...], step) -> dict:
+    """Add one update's metrics to the row's sums and note the first non-finite one (on the device).
+
+    Losses and gradient norms turn non-finite as soon as any parameter does: checking these scalars
+    every step costs nothing, unlike a pass over all parameters."""
+    bad = jnp.stack([~jnp.isfinite(metrics[k]).all() for k in names])
+    new_fault = (sums["_fault"] < 0) & bad.any()
+    out = {k: sums[k] + metrics[k].mean() for k in names}
+    out["_fault"] = jnp.where(new_fault, jnp.argmax(bad).astype(jnp.int32), sums["_fault"])
+    out["_fault_step"] = jnp.where(new_fault, step, sums["_fault_step"])
+    return out
