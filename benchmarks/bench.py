@@ -297,7 +297,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sparserl import hugepages
+    from sparserl import backend
 
-    hugepages.restart_with_huge_pages()  # as the `sparserl` command runs (see sparserl/hugepages.py)
+    backend.restart_with_huge_pages()  # as the `sparserl` command runs (see sparserl/backend.py)
     main()

@@ -6,14 +6,11 @@ so AdamW reads each gradient, moment and parameter several times (one loop per o
 moment and parameter updates share loops, which cuts the update's memory traffic and lifts the
 default SAC update by ~4% on the 2-core benchmark machine (``make bench``). GPU backends ignore the
 option. It only takes effect if sparserl is imported before the first JAX computation; set
-``SPARSERL_XLA_TUNING=0`` to leave ``XLA_FLAGS`` alone.
+``SPARSERL_XLA_TUNING=0`` (or ``SPARSERL_BACKEND=plain``) to leave ``XLA_FLAGS`` alone. The flag, like
+every backend-dependent choice, is defined in :mod:`sparserl.backend`; this import stays free of JAX
+so that it runs before JAX starts.
 """
 
-import os as _os
+from sparserl import backend as _backend
 
-_MULTI_OUTPUT_FUSION = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
-
-if _os.environ.get("SPARSERL_XLA_TUNING", "1") != "0":
-    _flags = _os.environ.get("XLA_FLAGS", "")
-    if "xla_backend_extra_options" not in _flags:  # a user's own extra options win
-        _os.environ["XLA_FLAGS"] = f"{_flags} {_MULTI_OUTPUT_FUSION}".strip()
+_backend.apply_xla_flags()

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from typing import Any
 
-from sparserl import hugepages, preflight
+from sparserl import backend, preflight
 from sparserl.config import Config, ConfigError, from_args, parse_overrides
 from sparserl.sweep import SWEEP_KEYS
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``sparserl`` command: :func:`main` in a process whose malloc uses huge pages."""
-    hugepages.restart_with_huge_pages()
+    backend.restart_with_huge_pages()
     return main()
 
 

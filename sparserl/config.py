@@ -170,7 +170,11 @@ class Config:
     final_eval_episodes: int = _opt(100, low=1, doc="episodes of the final evaluation")
     diag_every: int = _opt(10_000, low=0, doc="diagnostics (srank, dormant units, norms, gradient interference) every "
                                              "this many env steps into diagnostics.csv; 0 = off")
-    diag_probe_size: int = _opt(1024, low=2, doc="transitions in the fixed probe set of the diagnostics")
+    diag_probe: str = _opt("fresh", choices=("fresh", "fixed"),
+                           doc="probe set of the diagnostics: fresh (a new draw from the whole buffer at every "
+                               "diagnostic, from (seed, env step), as the reference) or fixed (drawn once at the "
+                               "first diagnostic and reused, kept in the checkpoints)")
+    diag_probe_size: int = _opt(1024, low=2, doc="transitions in the probe set of the diagnostics")
     diag_grad_samples: int = _opt(32, low=2, doc="per-sample gradients in the gradient-interference matrix")
     checkpoint_every: int = _opt(100_000, low=1, doc="save a checkpoint every this many env steps (at an episode end)")
     keep_checkpoints: int = _opt(2, low=1, doc="checkpoints kept per run (older ones are deleted)")

@@ -1,8 +1,9 @@
 """``sparserl diagnose``: diagnostics of saved runs, the plasticity probe, and simplicity scores.
 
 * ``diagnose RUN_DIR``: loads the run's newest valid checkpoint, recomputes every metric of
-  :func:`sparserl.probe.measure` on the run's probe set (or a fresh one drawn from the saved
-  buffer), and writes ``RUN_DIR/diagnose/``: ``metrics.json``, ``layer_norms.json`` (per-tensor
+  :func:`sparserl.probe.measure` on the probe set a diagnostic at the checkpoint's env step uses
+  (``diag_probe=fresh``: drawn from the saved buffer and ``(seed, env_step)``; ``fixed``: the run's
+  own set), and writes ``RUN_DIR/diagnose/``: ``metrics.json``, ``layer_norms.json`` (per-tensor
   parameter norms), the N x N gradient-cosine matrices
   (``cosine_actor.npy``, ``cosine_critic.npy``) and their heatmaps (``cosine_*.png``).
 * ``--plasticity``: fits a copy of the critic (its mask kept) to fresh random targets on the probe
@@ -42,7 +43,8 @@ def load_run(run_dir: Path):
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r}: not a sparserl run directory (no config.yaml)")
-    cfg = config.build(config.flatten(yaml.safe_load(cfg_path.read_text())), check_env=False)
+    raw = config.flatten(yaml.safe_load(cfg_path.read_text()))
+    cfg = config.build(raw, check_env=False)
     if cfg.agent == "stream_ac":
         raise ConfigError(f"{str(run_dir)!r}: agent=stream_ac keeps no replay buffer to draw a probe set from; "
                           f"diagnose supports sac and ddpg runs")
@@ -54,15 +56,20 @@ def load_run(run_dir: Path):
     obs_dim = 1 if cfg.pixels else arrays["buffer/obs"].shape[1]  # pixels: the normaliser is unused
     agent = agents.get(cfg.agent)
     state = checkpoint.unflatten_like(agent.init(cfg, obs_dim, action_dim), arrays, "state")
-    if "probe/obs" in arrays:
+    # diag_probe=fixed: the run's own set (or, before its first diagnostic, the one it would draw);
+    # fresh: the set a diagnostic at the checkpoint's env step draws from the same buffer. Runs from
+    # before diag_probe existed (no such key in config.yaml) had a fixed set.
+    fixed = cfg.diag_probe == "fixed" or ("diag_probe" not in raw and "probe/obs" in arrays)
+    fresh_step = None if fixed else meta["env_step"]
+    if "probe/obs" in arrays and fresh_step is None:
         batch = Batch(*(arrays[f"probe/{k}"] for k in Batch._fields))
     elif cfg.pixels:  # rebuild the frame replay to draw the probe set from it
         buffer = replay.for_config(cfg, obs_dim, action_dim)
         buffer.restore({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}, meta)
-        batch = probe.draw_probe_set(buffer, cfg.diag_probe_size, cfg.seed)
+        batch = probe.draw_probe_set(buffer, cfg.diag_probe_size, cfg.seed, fresh_step)
     else:
-        stored = Batch(*(arrays[f"buffer/{k}"] for k in Batch._fields))
-        batch = probe.draw_probe_set(stored, cfg.diag_probe_size, cfg.seed)
+        stored = Batch(*(arrays[f"buffer/{k}"] for k in Batch._fields))  # the buffer's slots, in order
+        batch = probe.draw_probe_set(stored, cfg.diag_probe_size, cfg.seed, fresh_step)
     normalizer = envs.RunningMeanStd(obs_dim)
     normalizer.mean, normalizer.var = arrays["normalizer/mean"], arrays["normalizer/var"]
     return cfg, state, batch, normalizer.obs_stats(cfg.obs_norm), meta

@@ -8,6 +8,8 @@ float64 numpy where that matters.
 
 * :func:`srank` / :func:`srank_jax`: effective rank of a feature matrix (Kumar et al. 2021).
 * :func:`dormant_ratio` / :func:`dormant_ratio_jax`: fraction of dormant units (Sokar et al. 2023).
+* :func:`dormant_ratio_reference` / :func:`dormant_ratio_reference_jax`: the same as the paper's code
+  computes it (its epsilon and its ``tau = 0`` rule; measured there on pre-activations).
 * :func:`gradient_cosine`, :func:`interference_summary`, :func:`per_sample_grads`: gradient
   interference between samples (Lyle et al. 2023).
 * :func:`tree_norm`, :func:`layer_norms`: global and per-tensor L2 norms (parameters, gradients).
@@ -123,7 +125,7 @@ def dormant_ratio(activations, tau: float = 0.1) -> float:
     ``tau=0`` counts only units that are exactly zero on every sample.
 
     Measure it on post-activation outputs (the definition); on pre-activations (what the reference
-    code did) it means something else — label which one was used.
+    code did, see :func:`dormant_ratio_reference`) it means something else — label which one was used.
     """
     layers = _as_layers(activations)
     dormant = total = 0
@@ -151,6 +153,51 @@ def dormant_ratio_jax(activations, tau: float = 0.1) -> jax.Array:
         score = jnp.where(layer_mean > 0, per_unit / jnp.where(layer_mean > 0, layer_mean, 1), 0)
         dormant = dormant + jnp.sum(score <= tau)
         total += per_unit.shape[0]
+    if total == 0:
+        return jnp.zeros((), jnp.float32)
+    return (dormant / total).astype(jnp.float32)
+
+
+# The paper's code (scale_rl/networks/metrics.py, ``get_dormant_ratio``, after ReDo): a layer's scores
+# are divided by their mean plus this, not by the mean alone.
+REFERENCE_DORMANT_EPS = 1e-9
+
+
+def dormant_ratio_reference(activations, tau: float = 0.1) -> float:
+    """The dormant ratio exactly as the paper's code computes it, as a fraction (it logs x100).
+
+    Per layer (``samples x units``; leading axes are samples): ``s_i = mean_samples |h_i|``,
+    normalised ``s_i / (mean_k s_k + 1e-9)``; dormant if ``<= tau`` (``tau > 0``), or, at ``tau = 0``,
+    if the normalised score is ``isclose`` to 0 (within 1e-8). Pooled over layers: dormant units of
+    all layers / all units (the reference concatenates the layers' masks). Which layers: the paper's
+    code passes the outputs of every ``Dense`` layer but the heads — pre-activation (see
+    :func:`sparserl.probe.reference_dormant_layers`). Computed in float64.
+    """
+    dormant = total = 0
+    for h in _as_layers(activations):
+        h = np.abs(np.asarray(h, dtype=np.float64))
+        h = h.reshape(-1, h.shape[-1])
+        score = h.mean(0)
+        normalized = score / (score.mean() + REFERENCE_DORMANT_EPS)
+        dead = normalized <= tau if tau > 0 else np.abs(normalized) <= 1e-8
+        dormant += int(np.count_nonzero(dead))
+        total += score.size
+    return dormant / total if total else 0.0
+
+
+def dormant_ratio_reference_jax(activations, tau: float = 0.1) -> jax.Array:
+    """:func:`dormant_ratio_reference` as a 0-d float32 JAX array, usable inside ``jax.jit``."""
+    dormant = jnp.zeros((), jnp.int32)
+    total = 0
+    for h in _as_layers(activations):
+        h = jnp.abs(jnp.asarray(h))
+        if not jnp.issubdtype(h.dtype, jnp.floating):
+            h = h.astype(jnp.float32)
+        score = h.reshape(-1, h.shape[-1]).mean(0)
+        normalized = score / (score.mean() + REFERENCE_DORMANT_EPS)
+        dead = jnp.where(tau > 0, normalized <= tau, jnp.abs(normalized) <= 1e-8)
+        dormant = dormant + jnp.sum(dead)
+        total += score.shape[0]
     if total == 0:
         return jnp.zeros((), jnp.float32)
     return (dormant / total).astype(jnp.float32)
@@ -199,16 +246,23 @@ def interference_summary(cos) -> dict[str, float]:
     return {"mean_abs_offdiag": float(np.abs(off).mean()), "frac_negative": float(np.mean(off < 0))}
 
 
-def per_sample_grads(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree, batch: PyTree) -> jax.Array:
+def per_sample_grads(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree, batch: PyTree,
+                     mask: PyTree | None = None) -> jax.Array:
     """``N x P`` matrix of flattened per-sample gradients ``∇_params loss_fn(params, example_i)``.
 
     ``loss_fn(params, example)`` returns a scalar for ONE example; ``example`` is the pytree slice
     ``batch[i]`` along every leaf's leading axis (``jax.vmap(jax.grad(loss_fn))``). The parameter
     pytree is flattened with ``jax.flatten_util.ravel_pytree`` (leaf order of ``jax.tree_util``).
-    Pure ``jnp`` — jittable with ``loss_fn`` closed over.
+    ``mask`` (the parameters' mask, see :func:`sparserl.sparsity.make_mask`): the gradients are taken
+    over kept weights only — pruned coordinates are set to 0 (a masked step never applies them), so
+    they add nothing to dot products or norms, as if they were dropped. Pure ``jnp`` — jittable with
+    ``loss_fn`` closed over.
     """
     def flat_grad(example):
-        return ravel_pytree(jax.grad(loss_fn)(params, example))[0]
+        grads = jax.grad(loss_fn)(params, example)
+        if mask is not None:
+            grads = sparsity.apply_mask(grads, mask)
+        return ravel_pytree(grads)[0]
 
     return jax.vmap(flat_grad)(batch)
 

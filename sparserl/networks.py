@@ -6,6 +6,11 @@
 * MLP baseline (``arch='mlp'``): ``Dense(H)+ReLU`` followed by N more ``Dense(H)+ReLU`` layers.
 
 Kernels are stored as (in, out), so ``x @ kernel``.
+
+``dense``, ``conv2d`` / ``conv_relu`` and ``conv_encoder`` take their implementation from
+:func:`sparserl.backend.current` when traced: the XLA:CPU-tuned forms (``_matmul_tiled``, the chunked
+convolution ``_conv_op`` / ``_encoder_op``) or the plain XLA forms (``_matmul_plain``,
+``_conv_layer_plain``), which compute the same values up to rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparserl import backend
 
 _orthogonal = jax.nn.initializers.orthogonal
 _he_normal = jax.nn.initializers.he_normal()
@@ -26,7 +33,15 @@ def init_dense(key, in_dim: int, out_dim: int, kernel_init=None) -> dict:
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:
-    return _matmul(x, p["kernel"]) + p["bias"]
+    """``x @ kernel + bias``; the kernel gradient's form is the backend's ``matmul_grad``."""
+    if backend.current().matmul_grad == "tiled_transpose":
+        return _matmul_tiled(x, p["kernel"]) + p["bias"]
+    return _matmul_plain(x, p["kernel"]) + p["bias"]
+
+
+def _matmul_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` with autodiff's gradient (backend ``plain``)."""
+    return x @ kernel
 
 
 def _tiled_transpose(x: jax.Array) -> jax.Array:
@@ -42,8 +57,8 @@ def _tiled_transpose(x: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` whose kernel gradient multiplies an explicitly transposed ``x``.
+def _matmul_tiled(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` whose kernel gradient multiplies an explicitly transposed ``x`` (backend ``cpu``).
 
     The kernel gradient ``x.T @ g`` contracts the batch axis, the leading axis of ``x``; XLA:CPU's
     matmul runs that form at ~0.75 of its plain rate (it repacks ``x`` on the fly), and transposing
@@ -51,17 +66,17 @@ def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return x @ kernel
 
 
-def _matmul_fwd(x, kernel):
+def _matmul_tiled_fwd(x, kernel):
     return x @ kernel, (x, kernel)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_tiled_bwd(residuals, g):
     x, kernel = residuals
     rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     return g @ kernel.T, _tiled_transpose(rows_x) @ rows_g
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_tiled.defvjp(_matmul_tiled_fwd, _matmul_tiled_bwd)
 
 
 def init_layer_norm(dim: int) -> dict:
@@ -172,7 +187,8 @@ def num_params(params) -> int:
 # after another and their backwards in a single loop over chunks (``_encoder_op``), so the gradients
 # between layers never leave the cache. ``conv2d_reference`` is plain
 # ``lax.conv_general_dilated`` (autodiff gradients); tests check that both agree, forward and
-# gradients, within float tolerance.
+# gradients, within float tolerance. All of this is the ``cpu`` backend's ``conv='chunked_s2d'``; the
+# ``plain`` backend (GPU, TPU; sparserl/backend.py) runs ``lax.conv_general_dilated`` instead.
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 _FORWARD_CHUNK, _BACKWARD_CHUNK = 8, 4   # images per chunk (best measured on the 2-core AVX-512 CPU)
@@ -351,14 +367,27 @@ def _batched(fn, x: jax.Array, *args):
     return out.reshape(*lead, *out.shape[1:])
 
 
+def _conv_layer(p: dict, x: jax.Array, stride: int, relu: bool, pixels: bool) -> jax.Array:
+    if backend.current().conv == "chunked_s2d":
+        return _batched(lambda x_: _conv_op(x_, p["kernel"], p["bias"], stride, relu, pixels), x)
+    return _conv_layer_plain(p, x, stride, relu, pixels)
+
+
+def _conv_layer_plain(p: dict, x: jax.Array, stride: int, relu: bool, pixels: bool) -> jax.Array:
+    """One layer as ``lax.conv_general_dilated`` over the whole batch, autodiff gradients (backend ``plain``)."""
+    y = _batched(lambda x_: conv2d_reference(p, _prepare(x_, pixels), stride), x)
+    return jax.nn.relu(y) if relu else y
+
+
 def conv2d(p: dict, x: jax.Array, stride: int, pixels: bool = False) -> jax.Array:
-    """A VALID NHWC convolution + bias, forward and gradients by chunked matmuls (see above)."""
-    return _batched(lambda x_: _conv_op(x_, p["kernel"], p["bias"], stride, False, pixels), x)
+    """A VALID NHWC convolution + bias; on the ``cpu`` backend forward and gradients by chunked
+    matmuls (see above). ``pixels``: ``x`` holds pixel values, mapped to ``x/255 - 0.5`` first."""
+    return _conv_layer(p, x, stride, False, pixels)
 
 
 def conv_relu(p: dict, x: jax.Array, stride: int, pixels: bool = False) -> jax.Array:
-    """``relu(conv2d(p, x, stride))`` fused chunk by chunk (the encoder's layer)."""
-    return _batched(lambda x_: _conv_op(x_, p["kernel"], p["bias"], stride, True, pixels), x)
+    """``relu(conv2d(p, x, stride))``, on the ``cpu`` backend fused chunk by chunk (the encoder's layer)."""
+    return _conv_layer(p, x, stride, True, pixels)
 
 
 def _encoder_layers(params: dict) -> list[dict]:
@@ -424,13 +453,14 @@ def init_conv_encoder(key, in_channels: int, channels: int, layers: int) -> dict
 
 def conv_encoder(params: dict, obs: jax.Array, capture: dict | None = None, conv=None) -> jax.Array:
     """Frames (..., H, W, C) of pixel values (uint8) -> flat features: ``x/255 - 0.5``, then conv+ReLU
-    layers. ``conv`` swaps in another convolution ``conv(p, x, stride)`` (benchmarks, tests)."""
+    layers. ``conv`` swaps in another convolution ``conv(p, x, stride)`` (benchmarks, tests). The
+    ``cpu`` backend runs all layers as one fused, chunked op; ``plain`` runs them as ``lax`` convolutions."""
     layers = _encoder_layers(params)
-    if conv is None and capture is None:  # the fused, chunked path (see above)
+    if conv is None and capture is None and backend.current().conv == "chunked_s2d":  # fused (see above)
         h = _batched(lambda o: _encoder_op(params, o), obs)
         return h.reshape(*h.shape[:-3], -1)
     h = obs if conv is None else obs.astype(jnp.float32) / 255.0 - 0.5
-    for i, p in enumerate(layers):  # unfused: pre-activations are captured for diagnostics
+    for i, p in enumerate(layers):  # unfused: plain backend, or pre-activations captured for diagnostics
         stride = 2 if i == 0 else 1
         pre = conv2d(p, h, stride, pixels=i == 0) if conv is None else conv(p, h, stride)
         h = jax.nn.relu(pre)

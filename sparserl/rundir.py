@@ -124,7 +124,7 @@ def check(cfg: Config, locked: bool = False) -> str:
                           f"rerun with the same config to resume it, or {hint}")
     if not cfg.resume:
         raise ConfigError(f"run_dir={str(run_dir)!r}: already holds this run and resume=false; {hint}")
-    if (run_dir / "summary.json").is_file():
+    if runs.has_summary(run_dir):  # a damaged summary.json: the run resumes from its final checkpoint
         return "finished"
     if (run_dir / "error.txt").is_file():
         reason = (run_dir / "error.txt").read_text(errors="replace").strip().splitlines()[:1]

@@ -98,14 +98,25 @@ def is_locked(run_dir: Path) -> bool:
 
 
 def run_status(run_dir: Path) -> str:
-    """finished | failed | running | interrupted (killed, or stopped before finishing)."""
-    if (run_dir / "summary.json").is_file():
+    """finished | failed | running | interrupted (killed, or stopped before finishing; a damaged
+    ``summary.json`` does not make a run finished: resuming it writes the summary again)."""
+    if has_summary(run_dir):
         return "finished"
     if (run_dir / "error.txt").is_file():
         return "failed"
     if is_locked(run_dir):
         return "running"
     return "interrupted"
+
+
+def has_summary(run_dir: Path) -> bool:
+    """Whether the run has a readable ``summary.json`` (it finished)."""
+    from sparserl.config import ConfigError
+
+    try:
+        return read_summary(run_dir) is not None
+    except ConfigError:
+        return False
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from sparserl import config, hugepages, runs
+from sparserl import backend, config, runs
 from sparserl.config import ConfigError
 
 SCALES = ("full", "small", "smoke")
@@ -384,7 +384,7 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MUJOCO_GL", "egl")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs may share one GPU
-    return hugepages.child_env(env)
+    return backend.child_env(env)
 
 
 def run_job(command: list[str], log_path: str, env: dict[str, str]) -> int:

@@ -439,10 +439,14 @@ def train_replay(cfg: Config, seed_cfgs: list[Config], statuses: list[str], log:
 
     def run_diagnostics(env_step: int) -> None:
         for i, s in enumerate(seeds):
-            if s.probe is None:
-                s.probe = probe.draw_probe_set(s.buffer, cfg.diag_probe_size, s.cfg.seed)
+            if cfg.diag_probe == "fixed":  # drawn once, kept in the checkpoints
+                if s.probe is None:
+                    s.probe = probe.draw_probe_set(s.buffer, cfg.diag_probe_size, s.cfg.seed)
+                probe_set = s.probe
+            else:  # fresh: from (seed, env_step) alone, so a resumed run draws the same
+                probe_set = probe.draw_probe_set(s.buffer, cfg.diag_probe_size, s.cfg.seed, env_step)
             key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
-            scalars, cosines = probe.measure(group.state(i), s.probe, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
+            scalars, cosines = probe.measure(group.state(i), probe_set, s.obs_stats(), key, cfg0, cfg.diag_grad_samples)
             for module, matrix in cosines.items():  # the latest matrices, for the report's heatmaps
                 with open(s.run_dir / f"cosine_{module}.npy.tmp", "wb") as f:
                     np.save(f, matrix)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparserl import config, networks
+from sparserl import backend, config, networks
 from sparserl.agents import common, ddpg, sac
 
 from conftest import HUMANOID_ACT, HUMANOID_OBS, small_config
@@ -289,7 +285,8 @@ def test_ddpg_policy_and_noise():
 
 
 # ----------------------------------------------------------------------------------------------
-# The CPU speed choices of the update (docs/agents.md): same values as plain autodiff
+# The CPU speed choices of the update (docs/agents.md): same values as plain autodiff. The backend is
+# forced to ``cpu`` so that the tuned forms are tested on any platform (tests/test_backend.py: the rest).
 
 
 @pytest.mark.parametrize("x_shape, kernel_shape", [((256, 512), (512, 2048)), ((3, 7), (7, 5)),
@@ -303,13 +300,14 @@ def test_dense_gradients_match_plain_autodiff(x_shape, kernel_shape):
     def loss(dense_fn):
         return lambda p, x: jnp.sum(jnp.tanh(dense_fn(p, x)) * g)
 
-    ours = jax.grad(loss(networks.dense), argnums=(0, 1))(p, x)
+    with backend.use("cpu"):
+        ours = jax.grad(loss(networks.dense), argnums=(0, 1))(p, x)
+        # and under vmap (stacked seeds)
+        xs, ps = jnp.stack([x, 2 * x]), jax.tree_util.tree_map(lambda a: jnp.stack([a, -a]), p)
+        batched = jax.vmap(jax.grad(loss(networks.dense)))(ps, xs)
     plain = jax.grad(loss(lambda p, x: x @ p["kernel"] + p["bias"]), argnums=(0, 1))(p, x)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    # and under vmap (stacked seeds)
-    xs, ps = jnp.stack([x, 2 * x]), jax.tree_util.tree_map(lambda a: jnp.stack([a, -a]), p)
-    batched = jax.vmap(jax.grad(loss(networks.dense)))(ps, xs)
     np.testing.assert_allclose(np.asarray(batched["kernel"][0]), np.asarray(ours[0]["kernel"]), rtol=1e-5, atol=1e-5)
 
 
@@ -323,16 +321,3 @@ def test_global_norm_is_the_euclidean_norm_of_all_leaves():
     tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": [jnp.float32(-2.0), jnp.ones(5)]}
     expected = np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree_util.tree_leaves(tree)))
     assert float(common.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
-
-
-def test_importing_sparserl_turns_on_multi_output_fusion_unless_told_not_to():
-    code = "import os, sparserl; print(os.environ.get('XLA_FLAGS', ''))"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SPARSERL_XLA_TUNING")}
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert "xla_cpu_use_multi_output_fusion" in on
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "SPARSERL_XLA_TUNING": "0"},
-                         capture_output=True, text=True, check=True).stdout
-    assert "xla_cpu_use_multi_output_fusion" not in off
-    own = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_FLAGS": "--xla_backend_extra_options=x"},
-                         capture_output=True, text=True, check=True).stdout
-    assert own.strip() == "--xla_backend_extra_options=x"  # a user's own extra options are left alone

@@ -5,6 +5,7 @@ cleanly with its last good checkpoint (issue 20, items 1-5)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,15 @@ def test_disk_full_during_a_checkpoint(tmp_path, small_disk, capsys):
     a = np.genfromtxt(run_dir / "diagnostics.csv", delimiter=",", names=True)
     b = np.genfromtxt(ref / "diagnostics.csv", delimiter=",", names=True)
     assert a.dtype.names == b.dtype.names and all(np.allclose(a[n], b[n], equal_nan=True) for n in a.dtype.names)
+
+
+def test_a_damaged_summary_is_not_finished_and_is_written_again(workdir, capsys):
+    assert run_cli(["train", *TINY, "run_dir=r"], capsys)[0] == 0
+    good = (workdir / "r" / "summary.json").read_text()
+    metrics = metrics_without_timing(workdir / "r")
+    (workdir / "r" / "summary.json").write_bytes(b"\x00garbage")
+    assert runs.run_status(workdir / "r") == "interrupted"
+    assert run_cli(["train", *TINY, "run_dir=r"], capsys)[0] == 0  # resumes from the final checkpoint
+    again = json.loads((workdir / "r" / "summary.json").read_text())
+    assert again["final_return"] == json.loads(good)["final_return"]
+    assert metrics_without_timing(workdir / "r") == metrics

@@ -63,14 +63,15 @@ def global_norm(tree) -> jax.Array:
 def masked_global_norm(tree, mask) -> jax.Array:
     """Global L2 norm of ``tree`` over kept coordinates only (``mask`` True): the norm of the gradient
     a masked step actually applies (the reference logs this one). Dense leaves (scalar masks) are a
-    plain ``vdot``; a sparse leaf's ``where(m, g*g, 0)`` shares ``g*g`` with Adam's second moment and
-    is fused with it, so masking adds only a read of the 1-byte mask, no extra pass over the gradient."""
+    plain ``vdot``; a sparse leaf is ``vdot(where(m, g, 0), g)``, which XLA:CPU fuses into Adam's
+    moment updates (measured on the compiled update: only the 1-byte mask is read once more; the
+    equivalent ``sum(where(m, g*g, 0))`` writes and reads one more f32 array per kernel)."""
     total = jnp.zeros((), jnp.float32)
     for x, m in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(mask)):
         if jnp.ndim(m) == 0:
             total = total + jnp.where(m, jnp.vdot(x, x), 0)
         else:
-            total = total + jnp.sum(jnp.where(m, x * x, jnp.zeros((), x.dtype)))
+            total = total + jnp.vdot(jnp.where(m, x, jnp.zeros((), x.dtype)), x)
     return jnp.sqrt(total)
 
 
