@@ -354,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``sparserl`` command: :func:`main` in a process whose malloc uses huge pages."""
-    backend.restart_with_huge_pages()
+    try:
+        backend.restart_with_huge_pages()
+    except ConfigError as e:  # a bad SPARSERL_BACKEND
+        print(f"sparserl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return main()
 
 
