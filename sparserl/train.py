@@ -6,9 +6,10 @@ and run directory, and writes the same numbers a single-seed run with that seed 
 
 One agent step, for every seed: reset the env if its episode ended, pick an action (random during
 warm-up, else the stochastic policy), step the env (``action_repeat`` env steps), store the
-transition, update the running observation statistics and, after warm-up, run ``utd`` gradient steps
-in one jitted call. Every ``eval_every`` env steps the deterministic policy is evaluated on a
-separately seeded env and a row goes to ``metrics.csv`` (flushed at once). Every
+transition, update the running observation statistics and, after warm-up, every ``update_every``
+agent steps, run ``utd`` gradient steps in one jitted call. Before the first step (env step 0: the
+untrained policy, as the reference) and every ``eval_every`` env steps the deterministic policy is
+evaluated on a separately seeded env and a row goes to ``metrics.csv`` (flushed at once). Every
 ``checkpoint_every`` env steps, at the next step where every seed has just ended an episode, a
 checkpoint holds everything needed to continue exactly (see :mod:`sparserl.checkpoint`). At the end:
 a final evaluation of ``final_eval_episodes`` episodes, a last checkpoint and ``summary.json``.

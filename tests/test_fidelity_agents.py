@@ -103,7 +103,8 @@ def test_ddpg_actor_loss_and_update_use_the_policy_noise(ddpg_setup):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # one update step: the actor loss is taken at the state's key (split into update, actor, target keys)
     _, k_actor, _ = jax.random.split(state.key, 3)
-    _, metrics = ddpg.update_step(state, b, ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)), cfg)
+    update_step = jax.jit(ddpg.update_step, static_argnums=3)
+    _, metrics = update_step(state, b, ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM)), cfg)
     want_loss = -np_q(state.critic.params, obs, np.clip(pi + noise(k_actor, pi.shape), -1.0, 1.0)).mean()
     assert float(metrics["actor_loss"]) == pytest.approx(float(want_loss), rel=1e-5, abs=1e-5)
     assert float(metrics["actor_loss"]) != pytest.approx(float(-np_q(state.critic.params, obs, pi).mean()), abs=1e-4)
@@ -186,7 +187,7 @@ def _decayed(decay_on: str):
     cfg = small_config(lr=0.1, weight_decay=0.5, weight_decay_on=decay_on)
     tx = common.optimizer(cfg, mask)
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)  # Adam's step is 0: only the decay moves
-    updates, _ = tx.update(zero, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     return params, optax.apply_updates(params, updates), mask
 
 

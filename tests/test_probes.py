@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sparserl import agents, config, sparsity, train
+from sparserl import agents, checkpoint, config, sparsity, train
 from sparserl.cli import main
 
 TINY = ["env=cartpole-balance", "env_steps=3000", "checkpoint_every=3000", "eval_every=1000", "warmup_steps=500",
@@ -48,9 +48,11 @@ def test_diagnostics_csv_rows_and_ranges(diag_run):
             for where in ("pre_ln", "post_ln"):
                 rank = float(r[f"{module}_srank_{where}"])
                 assert 1 <= rank <= max_rank and rank == int(rank)
-            for act in ("post_act", "pre_act"):
-                d0, d1 = float(r[f"{module}_dormant_{act}_tau0"]), float(r[f"{module}_dormant_{act}_tau0.1"])
-                assert 0.0 <= d0 <= d1 <= 1.0  # a larger threshold can only add dormant units
+            post = [float(r[f"{module}_dormant_post_act_tau{tau}"]) for tau in ("0", "0.1", "0.2")]
+            ref = [float(r[f"{module}_dormant_ref_tau{tau}"]) for tau in ("0.1", "0.2")]
+            for ratios in (post, ref):  # a larger threshold can only add dormant units
+                assert 0.0 <= ratios[0] and ratios == sorted(ratios) and ratios[-1] <= 1.0
+            assert f"{module}_dormant_pre_act_tau0.1" not in r
             assert float(r[f"{module}_feature_norm_pre_ln"]) > 0
             assert 0 <= float(r[f"{module}_grad_cos_mean_abs"]) <= 1
             assert 0 <= float(r[f"{module}_grad_cos_frac_negative"]) <= 1
@@ -63,6 +65,9 @@ def test_diagnostics_csv_rows_and_ranges(diag_run):
 
 def test_diagnose_recomputes_last_row_and_writes_heatmaps(diag_run, capsys):
     run_dir = diag_run / "on"
+    # diag_probe=fresh (default): no probe set is kept; diagnose draws the last row's from (seed, env step)
+    arrays, _ = checkpoint.latest_valid(run_dir / "checkpoints", log=lambda m: None)
+    assert "probe/obs" not in arrays
     assert main(["diagnose", str(run_dir), "--plasticity", "--plasticity-steps", "50"]) == 0
     result = json.loads((run_dir / "diagnose" / "metrics.json").read_text())
     last = rows(run_dir / "diagnostics.csv")[-1]

@@ -85,10 +85,11 @@ def init_critic_params(key, action_dim: int, cfg: Config) -> dict:
     k_trunk, k_q = jax.random.split(key)
     f = cfg.encoder.feature_dim
     params = {"trunk": networks.init_trunk(k_trunk, repr_dim(cfg), f)}
+    width, blocks = cfg.critic.width, cfg.critic.blocks
     for i, k in enumerate(jax.random.split(k_q, 2)):
         k_enc, k_head = jax.random.split(k)
-        params[f"q{i}"] = {"encoder": init_encoder(k_enc, f + action_dim, cfg.critic.width, cfg.critic.blocks, cfg.arch),
-                           "head": networks.init_dense(k_head, cfg.critic.width, 1)}
+        params[f"q{i}"] = {"encoder": init_encoder(k_enc, f + action_dim, width, blocks, cfg.arch),
+                           "head": networks.init_dense(k_head, width, 1)}
     return params
 
 
