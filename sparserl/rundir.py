@@ -141,8 +141,10 @@ def claimed(seed_cfgs: list[Config]) -> Iterator[list[str]]:
     try:
         for c in seed_cfgs:
             run_dir = c.resolved_run_dir
-            if not run_dir.exists() and not run_dir.is_symlink():
-                created.append(run_dir)
+            missing = run_dir  # this directory and its missing parents, deepest first
+            while not missing.exists() and not missing.is_symlink() and missing != missing.parent:
+                created.append(missing)
+                missing = missing.parent
             try:
                 locks.append(runs.RunLock(run_dir).acquire())
             except runs.RunLocked as e:
@@ -154,9 +156,9 @@ def claimed(seed_cfgs: list[Config]) -> Iterator[list[str]]:
     finally:
         for lock in locks:
             lock.release()
-        for run_dir in created:
+        for run_dir in sorted(created, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only if still empty
+                run_dir.rmdir()  # only if still empty (deepest first, so empty parents go too)
 
 
 def clear(run_dir: Path, keep_corrupt: bool) -> None:

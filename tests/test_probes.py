@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sparserl import agents, checkpoint, config, sparsity, train
+from sparserl import agents, checkpoint, config, seed, sparsity, train
 from sparserl.cli import main
 
 TINY = ["env=cartpole-balance", "env_steps=3000", "checkpoint_every=3000", "eval_every=1000", "warmup_steps=500",
@@ -118,7 +118,7 @@ def test_reset_restores_initial_distribution_and_keeps_masks(agent_name):
                                     [(20, 8, 5), (20, 8, 2), (20, 8), (20, 8), (20, 8, 5)]))
     stats = agents.common.ObsStats(np.zeros(5, np.float32), np.ones(5, np.float32))
     trained, _ = jax.jit(agent.update, static_argnames="cfg")(state, batches, stats, cfg=cfg)
-    reset = train.reset_state(cfg, trained, 1, 5, 2)
+    reset = seed.reset_state(cfg, trained, 1, 5, 2)
     for name in ("actor", "critic"):
         before, after, init = getattr(trained, name), getattr(reset, name), getattr(state, name)
         # masks identical, pruned weights exactly zero

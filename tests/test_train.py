@@ -103,7 +103,8 @@ def random_policy_return(env_name: str, episodes: int) -> float:
 # ~30-45 s each. Measured finals: SAC 914 / 955 / 935 (seeds 0-2), DDPG 966 / 960 / 956; SAC at 30k
 # steps was still seed-dependent (505-998). A uniform random policy scores ~280-370 and doing nothing
 # ~750, so we ask for more than both. DDPG runs without observation normalisation: with it, DDPG on
-# cartpole-balance oscillated between seeds (final 510, 593, 423 for seeds 0-2); SAC is unaffected.
+# cartpole-balance oscillated between seeds (final 510, 593, 423 for seeds 0-2; 293, 273, 279 with the
+# reference's policy noise in the losses, issue 14); SAC is unaffected.
 LEARN = {"env": "cartpole-balance", "env_steps": 30_000, "warmup_steps": 1000, "lr": 3e-4, "batch_size": 128,
          "utd": 1, "eval_every": 10_000, "eval_episodes": 2, "final_eval_episodes": 5, "actor.width": 64,
          "critic.width": 64, "critic.blocks": 1, "progress": False}
