@@ -67,137 +67,173 @@ def train_one(cfg: Config, status: str, log: Callable[[str], None]) -> dict:
     if status == "finished":
         log(f"[{run_dir.name}] already finished; delete it or pass overwrite=true to train again")
         return json.loads((run_dir / "summary.json").read_text())
-    env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
-    state = stream_ac.init(cfg, env.obs_dim, env.action_dim)
-    stats = agents.model_stats(state)
-    sums = fresh_sums(stream_ac)
+    return StreamLoop(cfg, status, log).run()
 
-    # Host-side counters (checkpointed with the state)
-    start_step, wall_offset, timers = 0, 0.0, Timers()
-    episodes, episode_return, row_returns, recent, csv_rows, steps_in_row = 0, 0.0, [], [], 0, 0
-    if status == "resume":
-        loaded = checkpoint.latest_valid(run_dir / "checkpoints", None, log)
-        if loaded is None:
-            log(f"[{run_dir.name}] no usable checkpoint; starting over")
-            status = "new"
-        else:
-            arrays, meta = loaded
-            state = checkpoint.unflatten_like(state, arrays, "state")
-            sums = checkpoint.unflatten_like(sums, arrays, "metric_sums")
-            env.set_rng_state(meta["env_rng"])
-            start_step, wall_offset, timers = meta["agent_step"], meta["wall_time"], Timers(meta["timers"])
-            episodes, episode_return = meta["episodes"], meta["episode_return"]
-            row_returns, recent, csv_rows = list(meta["row_returns"]), list(meta["recent_returns"]), meta["csv_rows"]
-            steps_in_row = meta["steps_in_row"]
-            if not meta["needs_reset"] and start_step < cfg.agent_steps:
-                raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
-            rundir.truncate_csv(run_dir / "metrics.csv", csv_rows)
-            state, sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
-            log(f"[{run_dir.name}] resuming at env step {start_step * cfg.action_repeat}")
-    if status == "new":
-        rundir.start(cfg, stats)
 
-    step_fn, begin_fn = make_step(cfg, env.time_limit)
-    norms_fn = jax.jit(lambda st: {"actor_param_norm": common.global_norm(st.actor.params),
-                                   "critic_param_norm": common.global_norm(st.critic.params)})
-    live = loggers.make_loggers(cfg, run_dir, to_yaml(cfg), cfg.to_dict())  # log.tensorboard / log.wandb
-    metrics_log = rundir.MetricsLog(cfg)
-    start = time.perf_counter() - wall_offset
-    row_start, row_start_step = time.perf_counter(), start_step
-    next_checkpoint = (start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    bar = tqdm(total=cfg.env_steps, initial=start_step * cfg.action_repeat, unit="step", disable=not cfg.progress,
-               dynamic_ncols=True, desc=run_dir.name[:40], file=sys.stderr)
-    needs_reset, action = True, None
+class StreamLoop:
+    """One streaming run of one seed, from its first (or resumed) step to the end.
 
-    def check_faults(host_sums, norms, agent_step):
+    :meth:`run` is the loop: act and learn from one transition, log a row every ``eval_every`` env
+    steps, checkpoint at an episode end every ``checkpoint_every`` env steps."""
+
+    def __init__(self, cfg: Config, status: str, log: Callable[[str], None]):
+        self.cfg, self.log, self.run_dir = cfg, log, cfg.resolved_run_dir
+        self.env = envs.make(cfg.env, envs.derive_seed(cfg.seed, 0), cfg.action_repeat)
+        self.state = stream_ac.init(cfg, self.env.obs_dim, self.env.action_dim)
+        self.stats = agents.model_stats(self.state)
+        self.sums = fresh_sums(stream_ac)
+        # Host-side counters (checkpointed with the state)
+        self.start_step, self.wall_offset, self.timers = 0, 0.0, Timers()
+        self.episodes, self.episode_return, self.row_returns, self.recent = 0, 0.0, [], []
+        self.csv_rows, self.steps_in_row = 0, 0
+        if not (status == "resume" and self.resume()):
+            rundir.start(cfg, self.stats)
+        self.step_fn, self.begin_fn = make_step(cfg, self.env.time_limit)
+        self.norms_fn = jax.jit(lambda st: {"actor_param_norm": common.global_norm(st.actor.params),
+                                            "critic_param_norm": common.global_norm(st.critic.params)})
+        self.live = loggers.make_loggers(cfg, self.run_dir, to_yaml(cfg), cfg.to_dict())  # tensorboard / wandb
+        self.metrics_log = rundir.MetricsLog(cfg)
+        self.start = time.perf_counter() - self.wall_offset
+        self.row_start, self.row_start_step = time.perf_counter(), self.start_step
+        self.next_checkpoint = (self.start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        self.bar = tqdm(total=cfg.env_steps, initial=self.start_step * cfg.action_repeat, unit="step",
+                        disable=not cfg.progress, dynamic_ncols=True, desc=self.run_dir.name[:40], file=sys.stderr)
+        self.needs_reset, self.action, self.agent_step = True, None, self.start_step
+        self.t = time.perf_counter()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        try:
+            self.t = time.perf_counter()
+            for agent_step in range(self.start_step, cfg.agent_steps):
+                self.agent_step = agent_step
+                self.act_and_learn()
+                done = agent_step + 1
+                env_step = done * cfg.action_repeat
+                if done % BAR_EVERY == 0:
+                    self.bar.update(env_step - self.bar.n)
+                if env_step % cfg.eval_every < cfg.action_repeat or done == cfg.agent_steps:
+                    self.log_row(done)
+                if self.needs_reset and env_step >= self.next_checkpoint:
+                    self.save(done)
+                    self.next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+                    self.t = self.timers.add("checkpoint", self.t)
+            self.save(cfg.agent_steps)
+        except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault
+            self.check_faults(jax.device_get(self.sums), jax.device_get(self.norms_fn(self.state)), self.agent_step)
+            raise rundir.numerical_fault(self.run_dir, str(fault), self.agent_step, cfg.action_repeat) from None
+        finally:
+            self.close()
+        return self.write_summary()
+
+    def act_and_learn(self) -> None:
+        """One env step with the action sampled after the previous update, then one jitted update."""
+        if self.needs_reset:
+            self.state, self.action = self.begin_fn(self.state, self.env.reset())
+            self.needs_reset = False
+        a = np.clip(np.asarray(self.action), -1.0, 1.0)  # the only host sync: waits for the previous update
+        t = self.timers.add("update", self.t)
+        next_obs, reward, terminated, truncated = self.env.step(a)
+        self.episode_return += reward
+        t = self.timers.add("env", t)
+        self.state, self.sums, self.action = self.step_fn(self.state, self.sums,
+                                                          stream_ac.pack(next_obs, reward, terminated, truncated))
+        self.steps_in_row += 1
+        self.t = self.timers.add("update", t)
+        if terminated or truncated:
+            self.row_returns.append(self.episode_return)
+            self.recent = (self.recent + [self.episode_return])[-self.cfg.stream.final_episodes:]
+            self.episodes += 1
+            self.episode_return, self.needs_reset = 0.0, True
+
+    def log_row(self, done: int) -> None:
+        """A metrics row: the training episodes that ended since the last row, the update metrics."""
+        host_sums, norms = jax.device_get(self.sums), jax.device_get(self.norms_fn(self.state))
+        self.check_faults(host_sums, norms, done)
+        now = time.perf_counter()
+        means = {k: float(host_sums[k]) / self.steps_in_row for k in stream_ac.METRICS} if self.steps_in_row else {}
+        ret = float(np.mean(self.row_returns)) if self.row_returns else float("nan")
+        env_step = done * self.cfg.action_repeat
+        row = {"env_step": env_step, "agent_step": done, "episodes": self.episodes,
+               "train_return": ret, "eval_return": ret,
+               "eval_return_std": float(np.std(self.row_returns)) if self.row_returns else float("nan"),
+               "eval_episodes": len(self.row_returns), **means, **norms,
+               "steps_per_s": (done - self.row_start_step) / (now - self.row_start), "wall_time": now - self.start}
+        scalars = self.metrics_log.write(row)
+        for logger in self.live:
+            logger.log_scalars(env_step, scalars, "metrics")
+        self.csv_rows += 1
+        self.row_returns = []
+        self.sums, self.steps_in_row = fresh_sums(stream_ac), 0
+        self.bar.set_postfix(train_return=f"{ret:.1f}", refresh=False)
+        self.row_start, self.row_start_step = time.perf_counter(), done
+        self.t = self.timers.add("log", now)
+
+    def check_faults(self, host_sums: dict, norms: dict, agent_step: int) -> None:
         if int(host_sums["_fault"]) >= 0:
-            raise rundir.numerical_fault(run_dir, stream_ac.METRICS[int(host_sums["_fault"])],
-                                  int(host_sums["_fault_step"]), cfg.action_repeat)
+            raise rundir.numerical_fault(self.run_dir, stream_ac.METRICS[int(host_sums["_fault"])],
+                                         int(host_sums["_fault_step"]), self.cfg.action_repeat)
         for key, value in norms.items():
             if not np.isfinite(value):
-                raise rundir.numerical_fault(run_dir, key.replace("_param_norm", " parameters"), agent_step, cfg.action_repeat)
+                raise rundir.numerical_fault(self.run_dir, key.replace("_param_norm", " parameters"), agent_step,
+                                             self.cfg.action_repeat)
 
-    def save(agent_step: int) -> None:
-        host_sums = jax.device_get(sums)
-        check_faults(host_sums, jax.device_get(norms_fn(state)), agent_step)  # never save a faulty state
-        arrays = checkpoint.flatten_tree(state, "state")
+    def resume(self) -> bool:
+        """Restore the newest usable checkpoint; False when there is none (the run starts over)."""
+        cfg, run_dir = self.cfg, self.run_dir
+        loaded = checkpoint.latest_valid(run_dir / "checkpoints", None, self.log)
+        if loaded is None:
+            self.log(f"[{run_dir.name}] no usable checkpoint; starting over")
+            return False
+        arrays, meta = loaded
+        state = checkpoint.unflatten_like(self.state, arrays, "state")
+        sums = checkpoint.unflatten_like(self.sums, arrays, "metric_sums")
+        self.env.set_rng_state(meta["env_rng"])
+        self.start_step, self.wall_offset, self.timers = meta["agent_step"], meta["wall_time"], Timers(meta["timers"])
+        self.episodes, self.episode_return = meta["episodes"], meta["episode_return"]
+        self.row_returns, self.recent = list(meta["row_returns"]), list(meta["recent_returns"])
+        self.csv_rows, self.steps_in_row = meta["csv_rows"], meta["steps_in_row"]
+        if not meta["needs_reset"] and self.start_step < cfg.agent_steps:
+            raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
+        rundir.truncate_csv(run_dir / "metrics.csv", self.csv_rows)
+        self.state, self.sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
+        self.log(f"[{run_dir.name}] resuming at env step {self.start_step * cfg.action_repeat}")
+        return True
+
+    def save(self, agent_step: int) -> None:
+        cfg = self.cfg
+        host_sums = jax.device_get(self.sums)
+        self.check_faults(host_sums, jax.device_get(self.norms_fn(self.state)), agent_step)  # never save a faulty state
+        arrays = checkpoint.flatten_tree(self.state, "state")
         arrays.update(checkpoint.flatten_tree(host_sums, "metric_sums"))
-        meta = {"agent_step": agent_step, "env_step": agent_step * cfg.action_repeat, "env_rng": env.rng_state(),
-                "episodes": episodes, "episode_return": episode_return, "row_returns": row_returns,
-                "recent_returns": recent, "csv_rows": csv_rows, "needs_reset": needs_reset, "steps_in_row": steps_in_row,
-                "wall_time": time.perf_counter() - start, "timers": timers.seconds}
-        checkpoint.save(run_dir / "checkpoints", agent_step, arrays, meta, keep=cfg.keep_checkpoints)
+        meta = {"agent_step": agent_step, "env_step": agent_step * cfg.action_repeat, "env_rng": self.env.rng_state(),
+                "episodes": self.episodes, "episode_return": self.episode_return, "row_returns": self.row_returns,
+                "recent_returns": self.recent, "csv_rows": self.csv_rows, "needs_reset": self.needs_reset,
+                "steps_in_row": self.steps_in_row, "wall_time": time.perf_counter() - self.start,
+                "timers": self.timers.seconds}
+        checkpoint.save(self.run_dir / "checkpoints", agent_step, arrays, meta, keep=cfg.keep_checkpoints)
 
-    try:
-        t = time.perf_counter()
-        for agent_step in range(start_step, cfg.agent_steps):
-            if needs_reset:
-                state, action = begin_fn(state, env.reset())
-                needs_reset = False
-            a = np.clip(np.asarray(action), -1.0, 1.0)  # the only host sync: waits for the previous update
-            t = timers.add("update", t)
-            next_obs, reward, terminated, truncated = env.step(a)
-            episode_return += reward
-            t = timers.add("env", t)
-            state, sums, action = step_fn(state, sums, stream_ac.pack(next_obs, reward, terminated, truncated))
-            steps_in_row += 1
-            t = timers.add("update", t)
-            if terminated or truncated:
-                row_returns.append(episode_return)
-                recent = (recent + [episode_return])[-cfg.stream.final_episodes:]
-                episodes += 1
-                episode_return, needs_reset = 0.0, True
-
-            env_step = (agent_step + 1) * cfg.action_repeat
-            if (agent_step + 1) % BAR_EVERY == 0:
-                bar.update(env_step - bar.n)
-            is_last = agent_step + 1 == cfg.agent_steps
-            if env_step % cfg.eval_every < cfg.action_repeat or is_last:
-                host_sums, norms = jax.device_get(sums), jax.device_get(norms_fn(state))
-                check_faults(host_sums, norms, agent_step + 1)
-                now = time.perf_counter()
-                means = {k: float(host_sums[k]) / steps_in_row for k in stream_ac.METRICS} if steps_in_row else {}
-                ret = float(np.mean(row_returns)) if row_returns else float("nan")
-                row = {"env_step": env_step, "agent_step": agent_step + 1, "episodes": episodes,
-                       "train_return": ret, "eval_return": ret,
-                       "eval_return_std": float(np.std(row_returns)) if row_returns else float("nan"),
-                       "eval_episodes": len(row_returns), **means, **norms,
-                       "steps_per_s": (agent_step + 1 - row_start_step) / (now - row_start), "wall_time": now - start}
-                scalars = metrics_log.write(row)
-                for logger in live:
-                    logger.log_scalars(env_step, scalars, "metrics")
-                csv_rows += 1
-                row_returns = []
-                sums, steps_in_row = fresh_sums(stream_ac), 0
-                bar.set_postfix(train_return=f"{ret:.1f}", refresh=False)
-                row_start, row_start_step = time.perf_counter(), agent_step + 1
-                t = timers.add("log", now)
-            if needs_reset and env_step >= next_checkpoint:
-                save(agent_step + 1)
-                next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-                t = timers.add("checkpoint", t)
-        save(cfg.agent_steps)
-    except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault
-        check_faults(jax.device_get(sums), jax.device_get(norms_fn(state)), agent_step)  # the root cause, if any
-        raise rundir.numerical_fault(run_dir, str(fault), agent_step, cfg.action_repeat) from None
-    finally:
-        bar.close()
-        metrics_log.close()
-        for logger in live:
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_log.close()
+        for logger in self.live:
             logger.close()
 
-    wall = time.perf_counter() - start
-    final = np.asarray(recent if recent else [episode_return], np.float64)  # no finished episode: the partial one
-    summary = {
-        "final_return": float(final.mean()), "final_return_std": float(final.std()),
-        "final_return_ci95": float(1.96 * final.std(ddof=1) / np.sqrt(len(final))) if len(final) > 1 else 0.0,
-        "final_eval_episodes": len(recent), "final_return_source": "training episodes",
-        "episodes": episodes, "env_steps": cfg.agent_steps * cfg.action_repeat, "seed": cfg.seed, "wall_time": wall,
-        "agent_steps_per_s": (cfg.agent_steps - start_step) / max(wall - wall_offset, 1e-9),
-        "time_share": {k: v / wall for k, v in timers.seconds.items()},
-        "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")} for n, m in stats.items()},
-    }
-    rundir.write_summary(run_dir, summary, log)
-    log(f"[{run_dir.name}] final_return {summary['final_return']:.1f} (last {len(recent)} training episodes), "
-        f"{summary['agent_steps_per_s']:.0f} agent steps/s")
-    return summary
+    def write_summary(self) -> dict:
+        cfg, wall = self.cfg, time.perf_counter() - self.start
+        # no finished episode: the partial one
+        final = np.asarray(self.recent if self.recent else [self.episode_return], np.float64)
+        summary = {
+            "final_return": float(final.mean()), "final_return_std": float(final.std()),
+            "final_return_ci95": float(1.96 * final.std(ddof=1) / np.sqrt(len(final))) if len(final) > 1 else 0.0,
+            "final_eval_episodes": len(self.recent), "final_return_source": "training episodes",
+            "episodes": self.episodes, "env_steps": cfg.agent_steps * cfg.action_repeat, "seed": cfg.seed,
+            "wall_time": wall, "agent_steps_per_s": (cfg.agent_steps - self.start_step) / max(wall - self.wall_offset, 1e-9),
+            "time_share": {k: v / wall for k, v in self.timers.seconds.items()},
+            "params": {n: {k: m[k] for k in ("total_params", "nonzero_params", "sparsity")}
+                       for n, m in self.stats.items()},
+        }
+        rundir.write_summary(self.run_dir, summary, self.log)
+        self.log(f"[{self.run_dir.name}] final_return {summary['final_return']:.1f} (last {len(self.recent)} training "
+                 f"episodes), {summary['agent_steps_per_s']:.0f} agent steps/s")
+        return summary
