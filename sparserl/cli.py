@@ -31,7 +31,7 @@ TRAIN_EPILOG = textwrap.dedent("""\
       sparserl train configs/humanoid_run.yaml actor.sparsity=0.9 critic.sparsity=0.9 seed=1
       sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 actor.sparsity=0.9 critic.sparsity=0.9
       sparserl train env=gym:HalfCheetah-v5 action_repeat=1
-      sparserl train configs/stream_ac.yaml env=gym:Walker2d-v5 init=sparse_init        # streaming Stream AC(λ)
+      sparserl train configs/stream_ac.yaml env=gym:Walker2d-v5                 # streaming Stream AC(λ), sparse init
       sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
 
     Rerunning the same command on an existing run directory resumes it from its last checkpoint.

@@ -125,7 +125,7 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
         f"{SAC_DDPG} configs/agent/sac_simba.yaml (`normalize_observation: true`); {STREAM} "
         "NormalizeObservation wrapper"),
     Behaviour(
-        "diag_probe", "fresh", "fixed",
+        "diag_probe", "fresh", "fresh",
         "the batch diagnostics are measured on: a fresh replay sample each time, or one fixed probe set",
         "a fixed probe set makes diagnostics comparable over training and across runs; fresh reproduces "
         "the reference's curves",
@@ -140,7 +140,7 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
         "init", {"stream_ac": "sparse_init", "*": "dense"}, "dense",
         "stream_ac weight init: dense, or 90% of each unit's fan-in zeroed at init (then trainable)",
         "the streaming experiment compares dense, the sparse init and a static mask; dense is the "
-        "plain baseline",
+        "plain baseline (configs/stream_ac.yaml, the reference method, sets sparse_init)",
         f"{STREAM} stream_ac_continuous.py initialize_weights (`sparse_init(m.weight, sparsity=0.9)`)",
         applies=_agents("stream_ac")),
     Behaviour(

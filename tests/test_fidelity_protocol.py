@@ -150,9 +150,9 @@ def test_every_key_of_the_fidelity_table_is_a_config_key():
 
 
 DEFAULTS = {  # agent -> (a config of its defaults, the non-reference options they have on purpose)
-    "sac": ({}, ["diag_probe"]),
-    "ddpg": ({"agent": "ddpg"}, ["diag_probe"]),
-    "drqv2": ({"agent": "drqv2", "env": "cartpole-balance"}, ["diag_probe"]),
+    "sac": ({}, []),  # every default of the replay agents is the reference's
+    "ddpg": ({"agent": "ddpg"}, []),
+    "drqv2": ({"agent": "drqv2", "env": "cartpole-balance"}, []),
     "stream_ac": ({"agent": "stream_ac", "env": "gym:Hopper-v5", "action_repeat": 1}, ["init"]),
 }
 
