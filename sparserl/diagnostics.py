@@ -143,19 +143,21 @@ def dormant_ratio_jax(activations, tau: float = 0.1) -> jax.Array:
     """
     dormant = jnp.zeros((), jnp.int32)
     total = 0
-    for h in _as_layers(activations):
-        h = jnp.abs(jnp.asarray(h))
-        if not jnp.issubdtype(h.dtype, jnp.floating):
-            h = h.astype(jnp.float32)
-        h = h.reshape(-1, h.shape[-1])
-        per_unit = h.mean(0)
+    for per_unit in _unit_scores_jax(activations):
         layer_mean = per_unit.mean()
         score = jnp.where(layer_mean > 0, per_unit / jnp.where(layer_mean > 0, layer_mean, 1), 0)
         dormant = dormant + jnp.sum(score <= tau)
         total += per_unit.shape[0]
-    if total == 0:
-        return jnp.zeros((), jnp.float32)
-    return (dormant / total).astype(jnp.float32)
+    return (dormant / total).astype(jnp.float32) if total else jnp.zeros((), jnp.float32)
+
+
+def _unit_scores_jax(activations):
+    """Per layer, each unit's mean |activation| over the samples (leading axes)."""
+    for h in _as_layers(activations):
+        h = jnp.abs(jnp.asarray(h))
+        if not jnp.issubdtype(h.dtype, jnp.floating):
+            h = h.astype(jnp.float32)
+        yield h.reshape(-1, h.shape[-1]).mean(0)
 
 
 # The paper's code (scale_rl/networks/metrics.py, ``get_dormant_ratio``, after ReDo): a layer's scores
@@ -189,11 +191,7 @@ def dormant_ratio_reference_jax(activations, tau: float = 0.1) -> jax.Array:
     """:func:`dormant_ratio_reference` as a 0-d float32 JAX array, usable inside ``jax.jit``."""
     dormant = jnp.zeros((), jnp.int32)
     total = 0
-    for h in _as_layers(activations):
-        h = jnp.abs(jnp.asarray(h))
-        if not jnp.issubdtype(h.dtype, jnp.floating):
-            h = h.astype(jnp.float32)
-        score = h.reshape(-1, h.shape[-1]).mean(0)
+    for score in _unit_scores_jax(activations):
         normalized = score / (score.mean() + REFERENCE_DORMANT_EPS)
         dead = jnp.where(tau > 0, normalized <= tau, jnp.abs(normalized) <= 1e-8)
         dormant = dormant + jnp.sum(dead)

@@ -42,3 +42,12 @@ def humanoid_actor():
 
     cfg = config.build({"actor.width": 128, "actor.blocks": 1}, check_env=False)
     return sac.init_actor_params(jax.random.PRNGKey(0), HUMANOID_OBS, HUMANOID_ACT, cfg)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current directory, so anything written by mistake (e.g. runs/) is seen."""
+    d = tmp_path / "cwd"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d

@@ -25,15 +25,6 @@ def run_main(argv, capsys):
     return rc, out, [line for line in err.splitlines() if line.strip()]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty current directory, so anything written by mistake (e.g. runs/) is seen."""
-    d = tmp_path / "cwd"
-    d.mkdir()
-    monkeypatch.chdir(d)
-    return d
-
-
 # ----------------------------------------------------------------------------------------------
 # defaults
 

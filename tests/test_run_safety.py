@@ -41,14 +41,6 @@ def run_cli(argv, capsys):
     return rc, [line for line in err.splitlines() if line.startswith("sparserl")]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    d = tmp_path / "cwd"
-    d.mkdir()
-    monkeypatch.chdir(d)
-    return d
-
-
 def metrics_without_timing(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
