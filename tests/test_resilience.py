@@ -70,12 +70,12 @@ def _cwd(tmp_path, monkeypatch):
 
 
 def run_main(argv, capsys):
-    """The CLI in-process: (exit code, stdout, the ``sparserl:`` lines of stderr -- a run's own
-    progress lines, such as the step-0 evaluation, are left out)."""
+    """The CLI in-process: (exit code, stdout, the non-empty stderr lines but a run's evaluation
+    progress lines, such as the step-0 evaluation's)."""
     rc = main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in err
-    return rc, out, [line for line in err.splitlines() if line.startswith("sparserl")]
+    return rc, out, [line for line in err.splitlines() if line.strip() and not re.match(r"\[.*\] env_step \d+: ", line)]
 
 
 @pytest.fixture(scope="module")
