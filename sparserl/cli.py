@@ -38,6 +38,14 @@ TRAIN_EPILOG = textwrap.dedent("""\
     Exit codes: 0 done, 2 bad input (nothing written), 3 stopped on NaN/inf or a physics error (last good
     checkpoint kept), 4 out of disk space (previous checkpoint kept; free space and rerun to resume).
 
+    Defaults follow the paper's code, except the exact mask draw (sparsity.draw=bernoulli is the
+    paper's); the keys for the deliberate alternatives (docs/fidelity.md): ddpg.policy_noise=0
+      (noiseless DDPG losses), update_every=N, weight_decay_on=kernels, diag_probe=fixed,
+      drqv2.std_steps=N, sparsity.budget=kernels;
+      `sparserl inspect ...` names the non-reference options a config uses.
+    A run directory is never shared: overwrite=true replaces only a sparserl run (never other files),
+    name= is a plain file name under runs/, and one process at a time trains a run directory.
+
     Every key, its default and allowed values: docs/config.md (or `sparserl inspect --keys`).""")
 
 INSPECT_EPILOG = textwrap.dedent("""\
