@@ -243,6 +243,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # about a minute on 2 cores; run with -m slow
 def test_learns_inverted_pendulum_in_20k_steps(tmp_path):
     # Three seeds, judged together: a streaming run is chaotic, so a rounding-level change in any
     # kernel (an XLA version, a fusion option) moves one seed's 20k-step return by hundreds; a
