@@ -118,7 +118,13 @@ def check(cfg: Config, locked: bool = False) -> str:
     hint = "pass overwrite=true to replace it, or choose another run_dir=/name="
     if not (run_dir / "config.yaml").is_file():  # only sparserl's own files, but no config: a run that never started
         raise ConfigError(f"run_dir={str(run_dir)!r}: holds an incomplete sparserl run (no config.yaml); {hint}")
-    diffs = _differences(_saved_config(run_dir), cfg.to_dict())
+    saved = _saved_config(run_dir)
+    missing = sorted(set(flatten(cfg.to_dict())) - set(flatten(saved)) - set(RUN_CONTROL_KEYS))
+    if missing:  # written before these keys existed: what the run computes may have changed since
+        raise ConfigError(f"run_dir={str(run_dir)!r}: holds a run made by an older sparserl (its config.yaml lacks "
+                          f"{', '.join(missing[:4])}{' and more' if len(missing) > 4 else ''}), whose algorithm may "
+                          f"differ from this version's; finish it with the version that made it, or {hint}")
+    diffs = _differences(saved, cfg.to_dict())
     if diffs:
         raise ConfigError(f"run_dir={str(run_dir)!r}: holds a run with a different config ({'; '.join(diffs[:3])}); "
                           f"rerun with the same config to resume it, or {hint}")

@@ -267,3 +267,22 @@ def test_a_damaged_summary_is_not_finished_and_is_written_again(workdir, capsys)
     again = json.loads((workdir / "r" / "summary.json").read_text())
     assert again["final_return"] == json.loads(good)["final_return"]
     assert metrics_without_timing(workdir / "r") == metrics
+
+
+def test_a_run_of_an_older_version_is_refused_by_name(tmp_path):
+    """A config.yaml without keys added since (e.g. update_every): never resumed silently under
+    semantics that may have changed, and the message says why."""
+    import yaml
+
+    from sparserl import config
+    from sparserl.errors import ConfigError
+
+    cfg = config.from_args(None, [*TINY, f"run_dir={tmp_path / 'old'}"])
+    old = cfg.to_dict()
+    del old["update_every"], old["weight_decay_on"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "old" / "metrics.csv").write_text("env_step\n")
+    with pytest.raises(ConfigError, match=r"older sparserl .*update_every, weight_decay_on.*overwrite=true"):
+        rundir.check(cfg)
+    assert rundir.check(config.from_args(None, [*TINY, f"run_dir={tmp_path / 'old'}", "overwrite=true"])) == "new"
