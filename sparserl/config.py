@@ -568,10 +568,10 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         raise ConfigError(f"diag_grad_samples={cfg.diag_grad_samples}: at most diag_probe_size={cfg.diag_probe_size} "
                           f"(the per-sample gradients come from the probe set)")
     if cfg.name is not None and (cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\")
-                                 or any(ord(c) < 32 or ord(c) == 127 for c in cfg.name)):
+                                 or _control_char(cfg.name) is not None):
         raise ConfigError(f"name={cfg.name!r}: must be a plain file name (no path separators or control characters, "
                           f"not . or ..); put a path in run_dir= instead")
-    if cfg.run_dir is not None and (cfg.run_dir == "" or any(ord(c) < 32 or ord(c) == 127 for c in cfg.run_dir)):
+    if cfg.run_dir is not None and (cfg.run_dir == "" or _control_char(cfg.run_dir) is not None):
         raise ConfigError(f"run_dir={cfg.run_dir!r}: must be a non-empty path without control characters")
     if cfg.env_steps < cfg.action_repeat:
         raise ConfigError(f"env_steps={cfg.env_steps}: must be at least action_repeat={cfg.action_repeat}")

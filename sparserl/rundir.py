@@ -25,14 +25,13 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-
 from sparserl import agents, checkpoint, runs
 from sparserl.config import Config, ConfigError, flatten, to_yaml
 
@@ -48,6 +47,7 @@ RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds
 OWN_FILES = frozenset({"config.yaml", "model.json", "metrics.csv", "diagnostics.csv", "summary.json", "curves.png",
                        "error.txt", runs.RUNNING_MARKER})
 OWN_DIRS = frozenset({"checkpoints", "videos", "tensorboard", "wandb", "diagnose", "report"})
+OWN_TEMPORARY = frozenset(f + ".tmp" for f in OWN_FILES)  # an atomic write interrupted by a kill
 
 
 class NumericalFault(RuntimeError):
@@ -64,8 +64,8 @@ def _is_own(entry: Path) -> bool:
     name = entry.name
     if entry.is_dir() and not entry.is_symlink():
         return name in OWN_DIRS
-    return name in OWN_FILES or (name.startswith("cosine_") and name.endswith((".npy", ".npy.tmp"))) \
-        or name in {f + ".tmp" for f in OWN_FILES}
+    return name in OWN_FILES or name in OWN_TEMPORARY or (name.startswith("cosine_")
+                                                           and name.endswith((".npy", ".npy.tmp")))
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
@@ -77,19 +77,6 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
     a, b = flatten(saved), flatten(wanted)
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
             if k not in RUN_CONTROL_KEYS and a.get(k) != b.get(k)]
-
-
-def _saved_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"run_dir={str(run_dir)!r}: its config.yaml is unreadable ({type(e).__name__}); "
-                          f"choose another run_dir=") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"run_dir={str(run_dir)!r}: its config.yaml is not a sparserl config (not a mapping); "
-                          f"choose another run_dir=")
-    return saved
 
 
 def check(cfg: Config, locked: bool = False) -> str:
@@ -107,7 +94,7 @@ def check(cfg: Config, locked: bool = False) -> str:
         return "new"
     if not locked and runs.is_locked(run_dir):  # not even overwrite=true may pull a run from under its process
         raise ConfigError(f"run_dir={str(run_dir)!r}: is being trained by another process (pid "
-                          f"{runs.RunLock(run_dir).path.read_text().strip() or '?'}); wait for it to finish or stop it")
+                          f"{runs.lock_owner(run_dir)}); wait for it to finish or stop it")
     foreign = foreign_entries(run_dir)
     if foreign and (cfg.overwrite or not (run_dir / "config.yaml").is_file()):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -118,7 +105,7 @@ def check(cfg: Config, locked: bool = False) -> str:
     hint = "pass overwrite=true to replace it, or choose another run_dir=/name="
     if not (run_dir / "config.yaml").is_file():  # only sparserl's own files, but no config: a run that never started
         raise ConfigError(f"run_dir={str(run_dir)!r}: holds an incomplete sparserl run (no config.yaml); {hint}")
-    saved = _saved_config(run_dir)
+    saved = runs.read_config(run_dir)  # one line naming config.yaml when it is not a readable mapping
     missing = sorted(set(flatten(cfg.to_dict())) - set(flatten(saved)) - set(RUN_CONTROL_KEYS))
     if missing:  # written before these keys existed: what the run computes may have changed since
         raise ConfigError(f"run_dir={str(run_dir)!r}: holds a run made by an older sparserl (its config.yaml lacks "
@@ -170,8 +157,6 @@ def claimed(seed_cfgs: list[Config]) -> Iterator[list[str]]:
 def clear(run_dir: Path, keep_corrupt: bool) -> None:
     """Remove sparserl's own files from ``run_dir`` to start over (never anything else, never the
     lock); quarantined ``*.corrupt`` checkpoints stay unless overwriting."""
-    import shutil
-
     for p in run_dir.iterdir():
         if not _is_own(p) or p.name == runs.RUNNING_MARKER:
             continue

@@ -44,7 +44,7 @@ class RunLock:
                 os.close(fd)
                 if time.monotonic() > deadline:
                     raise RunLocked(f"run_dir={str(self.path.parent)!r}: is being trained by another process "
-                                    f"(pid {_pid(self.path)}); wait for it to finish or stop it") from None
+                                    f"(pid {lock_owner(self.path.parent)}); wait for it to finish or stop it") from None
                 time.sleep(0.05)
                 continue
             # The previous owner may have unlinked the file between our open and our lock: then we
@@ -68,16 +68,11 @@ class RunLock:
         os.close(self.fd)
         self.fd = None
 
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _pid(marker: Path) -> str:
+def lock_owner(run_dir: Path) -> str:
+    """The pid the lock's owner wrote into ``RUNNING`` ("?" when unreadable or gone)."""
     try:
-        return marker.read_text().strip() or "?"
+        return (Path(run_dir) / RUNNING_MARKER).read_text().strip() or "?"
     except OSError:
         return "?"
 
