@@ -347,6 +347,15 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
         raise ConfigError(f"{key}={value!r}: must be in {lb}{lo}, {hi}{rb}")
 
 
+def format_value(value: Any) -> str:
+    """A config value as a user writes it (``true``, ``0.9``, ``humanoid-run``): in labels and messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in tree.items():

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from sparserl.config import Config
+from sparserl.config import Config, format_value
 
 SAC_DDPG = "matharg7/SparseNetwork4DRL@613a2b9"
 DRQV2 = "facebookresearch/drqv2"
@@ -192,16 +192,8 @@ def describe(cfg: Config) -> list[str]:
             out.append(f"critic.sparsity={cfg.critic.sparsity:g} with actor.sparsity=0 "
                        f"(critic-only; the reference keeps the critic dense then)")
         else:
-            out.append(f"{b.key}={_show(_value(cfg, b.key))} (reference: {_show(b.reference_for(cfg.agent))})")
+            out.append(f"{b.key}={format_value(_value(cfg, b.key))} (reference: {format_value(b.reference_for(cfg.agent))})")
     return out
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def keys() -> list[str]:

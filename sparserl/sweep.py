@@ -156,14 +156,6 @@ def load(path: str | Path, scale: str = "full") -> dict[str, Any]:
     return {"description": data.get("description", ""), "base": base, "grid": grid}
 
 
-def _label(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def _axis_values(axis: str, values: Any, keys: dict) -> list[tuple[str, dict[str, Any]]]:
     """(label, {config key: value}) for each value of an axis.
 
@@ -180,12 +172,12 @@ def _axis_values(axis: str, values: Any, keys: dict) -> list[tuple[str, dict[str
     for v in values:
         if isinstance(v, dict):
             v = dict(v)
-            label = str(v.pop("label", ",".join(f"{k}={_label(x)}" for k, x in v.items())))
+            label = str(v.pop("label", ",".join(f"{k}={config.format_value(x)}" for k, x in v.items())))
             out.append((label, config.flatten(v)))
         elif tied:
-            out.append((_label(v), {k: v for k in tied}))
+            out.append((config.format_value(v), {k: v for k in tied}))
         elif axis in keys:
-            out.append((_label(v), {axis: v}))
+            out.append((config.format_value(v), {axis: v}))
         else:
             raise ConfigError(f"grid.{axis}: not a config key{config.suggest(axis, keys)}; an axis with another "
                               f"name must list dicts of config keys (e.g. - {{label: big, critic.width: 2048}})")
