@@ -12,7 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import yaml
 
 RUNNING_MARKER = "RUNNING"  # locked (flock) by the process training this run, which writes its pid there
 LOCK_WAIT_S = 1.0  # how long a claim waits out a momentary shared lock taken by a status probe (`ls`, sweeps)

@@ -38,7 +38,7 @@ from sparserl import agents, checkpoint, envs, loggers, probe, rundir, runs, see
 from sparserl.agents.common import fresh_sums
 from sparserl.config import Config, ConfigError, to_yaml
 from sparserl.rundir import Timers
-from sparserl.seed import Seed, reset_state  # noqa: F401  (reset_state: part of this module's API)
+from sparserl.seed import Seed, reset_state
 from sparserl.seedgroup import SeedGroup, stack
 
 
