@@ -7,7 +7,7 @@
   learning after warm-up: ``agent_steps_per_s``, the FLOP-limited rate
   ``matmul_gflops / (flops_per_update * utd)``, their ratio, and the share of wall time per phase;
 * ``seeds``: the vmapped update over 1, 2, 4, 8 stacked seeds: seed-updates per second;
-* ``streaming``: Stream AC(λ) (``configs/stream_ac.yaml``, 2 hidden layers) per width (128, 1024):
+* ``streaming``: Stream AC(λ) (bundled preset ``stream_ac``, 2 hidden layers) per width (128, 1024):
   ``updates_per_s`` of the jitted per-step call alone (one transition, ObGD on actor and critic,
   next action), its FLOPs, and ``agent_steps_per_s`` of the real streaming loop on gym:Hopper-v5
   (compilation excluded) with the loop's share of wall time per phase;
@@ -138,7 +138,7 @@ def stream_benchmark(width: int, seconds: float, loop_steps: int) -> dict:
     from sparserl import envs, stream
     from sparserl.agents import stream_ac
 
-    preset = str(Path(__file__).resolve().parent.parent / "configs" / "stream_ac.yaml")
+    preset = str(config.PRESET_DIR / "stream_ac.yaml")
     cfg = config.from_args(preset, [f"actor.width={width}", f"critic.width={width}", "progress=false"])
     env = envs.make(cfg.env, 0, 1)
     state = stream_ac.init(cfg, env.obs_dim, env.action_dim)

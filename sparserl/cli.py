@@ -14,8 +14,8 @@ import textwrap
 from typing import Any
 
 from sparserl import backend, preflight
-from sparserl.config import Config, ConfigError, from_args, parse_overrides
-from sparserl.sweep import SWEEP_KEYS
+from sparserl.config import PRESET_DIR, Config, ConfigError, from_args, parse_overrides
+from sparserl.sweep import SWEEP_KEYS, bundled_presets
 
 EXIT_USAGE = 2
 MAX_PLASTICITY_STEPS = 10_000_000
@@ -28,10 +28,10 @@ EXIT_DISK_FULL = 4  # the disk filled up; the previous checkpoint is kept, rerun
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
       sparserl train env=cartpole-balance env_steps=20000 critic.width=256
-      sparserl train configs/humanoid_run.yaml actor.sparsity=0.9 critic.sparsity=0.9 seed=1
+      sparserl train humanoid_run actor.sparsity=0.9 critic.sparsity=0.9 seed=1   # a bundled preset + overrides
       sparserl train agent=ddpg env=dog-trot critic.width=2048 critic.blocks=3 actor.sparsity=0.9 critic.sparsity=0.9
       sparserl train env=gym:HalfCheetah-v5 action_repeat=1
-      sparserl train configs/stream_ac.yaml env=gym:Walker2d-v5                 # streaming Stream AC(λ), sparse init
+      sparserl train stream_ac env=gym:Walker2d-v5                              # streaming Stream AC(λ), sparse init
       sparserl train env=cartpole-balance seeds=0,1,2,3 run_dir=runs/cp   # runs/cp/seed0 ... seed3
 
     Rerunning the same command on an existing run directory resumes it from its last checkpoint.
@@ -45,6 +45,9 @@ TRAIN_EPILOG = textwrap.dedent("""\
       `sparserl inspect ...` names the non-reference options a config uses.
     A run directory is never shared: overwrite=true replaces only a sparserl run (never other files),
     name= is a plain file name under runs/, and one process at a time trains a run directory.
+
+    Bundled run presets (sparserl/presets/; or give any YAML file's path): """) + ", ".join(
+    p.stem for p in sorted(PRESET_DIR.glob("*.yaml"))) + textwrap.dedent("""
 
     Every key, its default and allowed values: docs/config.md (or `sparserl inspect --keys`).""")
 
@@ -66,12 +69,13 @@ SWEEP_EPILOG = textwrap.dedent("""\
       sparserl sweep scaling_sac scale=small --dry-run --bench benchmarks/results/cpu_2core.json
       sparserl sweep scaling_sac scale=smoke                    # about a minute, then: sparserl report runs/sweeps/scaling_sac-smoke
       sparserl sweep sparsity_sweep scale=small seeds=0,1,2 env=[cartpole-swingup,cartpole-balance]
-      sparserl sweep configs/experiments/width_scaling.yaml executor=ray address=auto gpus_per_run=0.5
+      sparserl sweep my_grid.yaml executor=ray address=auto gpus_per_run=0.5
 
     sweep options (everything else is a config key applied to every run; naming an axis replaces it):
     """) + "\n".join(f"      {k:<13} {v}" for k, v in SWEEP_KEYS.items()) + textwrap.dedent("""
 
-    Rerunning a sweep skips finished runs and resumes interrupted ones. Bundled presets: configs/experiments/.""")
+    Rerunning a sweep skips finished runs and resumes interrupted ones.
+    Bundled presets (sparserl/presets/experiments/): """) + ", ".join(p.stem for p in bundled_presets())
 
 REPORT_EPILOG = textwrap.dedent("""\
     examples:
@@ -279,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run an experiment preset's grid (local process pool or Ray)",
                        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Expand an experiment preset (configs/experiments/NAME.yaml or a path) into runs "
+                       description="Expand an experiment preset (a bundled NAME or a YAML path) into runs "
                                    "under one sweep directory and train them; finished runs are skipped, interrupted "
                                    "ones resumed, a failed run is reported with its log and the others carry on.")
     p.add_argument("preset", metavar="PRESET", help="bundled experiment name (e.g. scaling_sac) or a YAML path")

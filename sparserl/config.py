@@ -20,6 +20,10 @@ import yaml
 
 from sparserl.errors import ConfigError, suggest  # noqa: F401  (re-exported: the config's error type)
 
+# YAML presets shipped inside the package (so an installed sparserl has them): run presets here,
+# experiment grids (``sparserl sweep``) in ``experiments/``.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
 
 def _opt(default, *, choices=None, low=None, high=None, low_open=False, high_open=False, doc=""):
     return field(default=default, metadata=dict(choices=choices, low=low, high=high,
@@ -437,11 +441,24 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{what}: invalid YAML ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
+def resolve_run_preset(name: str | Path) -> Path:
+    """A preset path, or the name of a bundled run preset (``stream_ac`` or ``stream_ac.yaml``)."""
+    path = Path(name)
+    if path.exists() or path.is_symlink() or path.parent != Path("."):
+        return path
+    bundled = PRESET_DIR / f"{path.stem}.yaml"
+    return bundled if path.suffix in ("", ".yaml") and bundled.is_file() else path
+
+
 def load_preset(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = resolve_run_preset(path)
     what = f"preset {str(path)!r}"
     if not path.exists():
-        raise ConfigError(f"{what}: no such file" + (" (a dangling symlink or a symlink loop)" if path.is_symlink() else ""))
+        if path.is_symlink():
+            raise ConfigError(f"{what}: no such file (a dangling symlink or a symlink loop)")
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"{what}: no such file or bundled preset{suggest(path.stem, known)} "
+                          f"(bundled: {', '.join(known)})")
     data = read_yaml(path, what)
     if data is None:
         return {}

@@ -140,7 +140,7 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
         "init", {"stream_ac": "sparse_init", "*": "dense"}, "dense",
         "stream_ac weight init: dense, or 90% of each unit's fan-in zeroed at init (then trainable)",
         "the streaming experiment compares dense, the sparse init and a static mask; dense is the "
-        "plain baseline (configs/stream_ac.yaml, the reference method, sets sparse_init)",
+        "plain baseline (the bundled stream_ac preset, the reference method, sets sparse_init)",
         f"{STREAM} stream_ac_continuous.py initialize_weights (`sparse_init(m.weight, sparsity=0.9)`)",
         applies=_agents("stream_ac")),
     Behaviour(

@@ -1,6 +1,6 @@
 """``sparserl sweep``: expand an experiment preset into runs and execute them, locally or on Ray.
 
-A preset (``configs/experiments/*.yaml``) is a grid::
+A preset (bundled: ``sparserl/presets/experiments/*.yaml``) is a grid::
 
     description: one line
     base: {agent: sac, env_steps: 1000000}         # config keys set for every run
@@ -49,7 +49,7 @@ from sparserl.config import ConfigError
 
 SCALES = ("full", "small", "smoke")
 EXECUTORS = ("local", "ray")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+PRESET_DIR = config.PRESET_DIR / "experiments"  # bundled experiment presets (package data)
 
 # Keys of the sweep itself (everything else on the command line is a config key for every run).
 SWEEP_KEYS = {

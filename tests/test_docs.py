@@ -15,7 +15,7 @@ def test_config_reference_is_in_sync_with_schema():
     assert config.reference_table() in doc, "regenerate docs/config.md with `sparserl inspect --keys`"
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", sorted(config.PRESET_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_are_valid(preset):
     cfg = config.from_args(str(preset), [])
     assert cfg.env and cfg.critic.width > 0

@@ -83,7 +83,7 @@ def test_full_ablation_has_the_same_grid_as_the_sweep():
         sorted({c for _, c in _sparsities("sparsity_sweep", "full")})
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", sorted(config.PRESET_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_single_run_presets_sparsify_actor_with_critic(preset):
     cfg = config.from_args(str(preset), [])
     if cfg.critic.sparsity > 0:

@@ -27,7 +27,6 @@ from sparserl import checkpoint, config, inspection, obgd, rundir, sweep, train
 from sparserl.agents import stream_ac
 from sparserl.config import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("steps_per_s", "wall_time")
 OBS, ACT = 3, 1
 
@@ -248,7 +247,7 @@ def test_learns_inverted_pendulum_in_20k_steps(tmp_path):
     # Three seeds, judged together: a streaming run is chaotic, so a rounding-level change in any
     # kernel (an XLA version, a fusion option) moves one seed's 20k-step return by hundreds; a
     # single seed would test luck. Seeds 0-7 reached 208-906 (median ~480) in development.
-    cfg = config.from_args(str(ROOT / "configs" / "stream_ac.yaml"), [
+    cfg = config.from_args(str(config.PRESET_DIR / "stream_ac.yaml"), [
         "env=gym:InvertedPendulum-v5", "env_steps=20000", "eval_every=5000", "progress=false",
         "seeds=0,1,2", f"run_dir={tmp_path / 'ip'}"])
     finals = [s["final_return"] for s in train.train(cfg, log=lambda m: None)]
@@ -354,7 +353,7 @@ def test_config_errors_and_inspect():
         config.build({"agent": "stream_ac", "reset.every": 1000}, check_env=False)
     with pytest.raises(ConfigError, match="stream.lamda"):
         config.build({"agent": "stream_ac", "stream.lamda": 1.5}, check_env=False)
-    cfg = config.from_args(str(ROOT / "configs" / "stream_ac.yaml"), ["actor.sparsity=0.9"])
+    cfg = config.from_args(str(config.PRESET_DIR / "stream_ac.yaml"), ["actor.sparsity=0.9"])
     report = inspection.inspect(cfg)
     # Hopper: 11 observations + time feature; 2 x 128 hidden layers; mean and std heads of 3
     assert report["actor"]["total_params"] == 12 * 128 + 128 + 128 * 128 + 128 + 2 * (128 * 3 + 3) == 18950

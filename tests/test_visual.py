@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from sparserl.agents import drqv2
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_drqv2(**overrides):
@@ -80,7 +78,7 @@ def _expand(preset: dict, scale: str | None) -> list[dict]:
 
 @pytest.mark.parametrize("scale", [None, "small", "smoke"])
 def test_visual_preset_points_build(scale):
-    preset = yaml.safe_load((ROOT / "configs" / "experiments" / "visual.yaml").read_text())
+    preset = yaml.safe_load((config.PRESET_DIR / "experiments" / "visual.yaml").read_text())
     points = _expand(preset, scale)
     assert points
     for values in points:
