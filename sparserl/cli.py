@@ -15,6 +15,8 @@ from typing import Any
 
 from sparserl import backend, preflight
 from sparserl.config import PRESET_DIR, Config, ConfigError, from_args, parse_overrides
+from sparserl.baselines import SOURCES as BASELINES
+from sparserl.report import REPORT_OPTIONS
 from sparserl.sweep import SWEEP_KEYS, bundled_presets
 
 EXIT_USAGE = 2
@@ -81,7 +83,14 @@ REPORT_EPILOG = textwrap.dedent("""\
     examples:
       sparserl report runs/sweeps/scaling_sac-smoke            # writes runs/sweeps/scaling_sac-smoke/report/
       sparserl report runs/sweeps/a runs/sweeps/b --out runs/report-ab
-      sparserl report runs/sweeps/scaling_sac-small --bootstrap 5000""")
+      sparserl report runs/sweeps/scaling_sac-small --bootstrap 5000
+      sparserl report runs/sweeps/scaling_sac-small baselines=simba,bro   # published results beside yours
+
+    report options (key=value after the directories):
+    """) + "\n".join(f"      {k:<13} {v}" for k, v in REPORT_OPTIONS.items()) + textwrap.dedent("""
+
+    Published baselines (DMC, released by the SimbaV2 authors, Apache-2.0; see docs/report.md): """) + ", ".join(
+    BASELINES)
 
 DEMO_EPILOG = textwrap.dedent("""\
     examples:
@@ -244,7 +253,9 @@ def cmd_report(ns) -> int:
     if not report.MIN_BOOTSTRAP <= ns.bootstrap <= report.MAX_BOOTSTRAP:
         raise ConfigError(f"--bootstrap={ns.bootstrap}: use between {report.MIN_BOOTSTRAP} and "
                           f"{report.MAX_BOOTSTRAP:,} resamples")
-    out = report.write_report([Path(d) for d in ns.dirs], Path(ns.out) if ns.out else None, ns.bootstrap)
+    dirs, baseline_names = report.parse_args(ns.dirs)
+    out = report.write_report(dirs, Path(ns.out) if ns.out else None, ns.bootstrap, baseline_names)
+    print((out / "headline.txt").read_text(), end="")
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -298,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read run directories (a sweep directory, or any directories holding runs) and "
                                    "write report.html, PNG figures and summary.csv.")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories or run directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or run directories; then baselines=NAME,...")
     p.add_argument("--out", help="output directory (default: DIR/report for one DIR, else runs/report)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     p.set_defaults(func=cmd_report)

@@ -5,13 +5,16 @@ Reads run directories only (``config.yaml``, ``summary.json``, ``metrics.csv``, 
 
 - ``summary.csv``: one row per run (variant, task, seed, parameters, non-zeros, final return, wall time);
 - ``report.html``: self-contained page (figures are PNG files next to it; no server needed);
+- ``evaluations.csv``: every run's evaluations as ``exp_name, env_name, seed, metric, env_step, value`` (the
+  schema of the published baselines' files; ``exp_name`` is the variant);
+- ``headline.txt``: the headline sentences (sparse vs dense at each model size), also at the top of the page;
 - PNGs: scaling curves (vs total and vs non-zero parameters, dense dashed / sparse solid), sparsity
-  sweep, learning curves with 95% CI bands, diagnostics over training, gradient-cosine heatmaps.
+  sweep, aggregate (IQM over tasks) learning curves, performance profiles, learning curves with 95% CI bands
+  (and published baselines, dotted), diagnostics over training, gradient-cosine heatmaps.
 
-Statistics. Per task: mean final return over seeds with a Student-t 95% CI. Across tasks: the
-interquartile mean (IQM, the mean of the middle 50% of all runs' scores, as in rliable) with a
-stratified-bootstrap 95% CI (runs resampled with replacement within each task). Scores are raw
-returns: DMC returns share the 0–1000 range; for tasks on other scales read the per-task numbers.
+Statistics (docs/report.md). Per task: mean final return over seeds with a Student-t 95% CI (scipy). Across
+tasks, on scores (DMC return / 1000): rliable's IQM, mean, median and optimality gap, probability of
+improvement and performance profiles, with stratified-bootstrap 95% CIs (runs resampled within each task).
 """
 
 from __future__ import annotations
@@ -36,57 +39,122 @@ MIN_BOOTSTRAP, MAX_BOOTSTRAP = 100, 100_000  # resamples of the bootstrap CIs (-
 RUN_KEYS = {"seed", "seeds", "num_seeds", "seed_parallel", "run_dir", "name", "overwrite", "progress", "resume",
             "checkpoint_every", "keep_checkpoints"}
 
-# Two-sided 95% Student-t critical values by degrees of freedom (1.96 beyond the table).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+DMC_MAX_RETURN = 1000.0  # a DMC episode's return lies in [0, 1000]: the score divides by it
+BOOTSTRAP_SEED = 0  # the CIs of one report are reproducible
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
+# Statistics: rliable's aggregates over (runs x tasks) score matrices, scipy's t intervals per task
 
 
-def t_critical(df: int) -> float:
-    if df < 1:
-        return float("nan")
-    if df in _T975:
-        return _T975[df]
-    larger = [d for d in _T975 if d > df]
-    return _T975[min(larger)] if larger else 1.96
+def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t CI (0 for a single value)."""
+    from scipy import stats
 
-
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its Student-t 95% CI (0 for a single value)."""
     x = np.asarray(values, float)
     if x.size == 0:
         return float("nan"), float("nan")
     if x.size == 1:
         return float(x[0]), 0.0
-    return float(x.mean()), float(t_critical(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, x.size - 1) * stats.sem(x))
 
 
-def iqm(scores) -> float:
-    """Interquartile mean: drop the lowest and highest 25% (rounded down) of all scores, average the rest."""
-    x = np.sort(np.asarray(scores, float).ravel())
-    if x.size == 0:
-        return float("nan")
-    cut = int(0.25 * x.size)
-    return float(x[cut:x.size - cut].mean())
+def score(env: str, ret: float) -> float:
+    """A run's score: DMC return / 1000 (0-1, as in the papers' aggregates); other tasks keep the raw return."""
+    from sparserl.envs import GYM_PREFIX
+
+    return ret if env.startswith(GYM_PREFIX) else ret / DMC_MAX_RETURN
 
 
-def stratified_bootstrap_ci(scores_per_task: list, statistic=iqm, reps: int = 2000, seed: int = 0,
-                            level: float = 0.95) -> tuple[float, float, float]:
-    """The statistic of all scores and its percentile CI, resampling runs within each task."""
-    tasks = [np.asarray(s, float).ravel() for s in scores_per_task if len(s)]
-    if not tasks:
-        return float("nan"), float("nan"), float("nan")
-    point = statistic(np.concatenate(tasks))
-    rng = np.random.default_rng(seed)
-    # One index matrix per task: every replicate draws len(task) runs of that task with replacement.
-    resampled = [t[rng.integers(0, t.size, size=(reps, t.size))] for t in tasks]
-    stats = np.array([statistic(np.concatenate([r[i] for r in resampled])) for i in range(reps)])
-    alpha = (1 - level) / 2
-    return point, float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+def score_matrix(per_task: dict[str, list]) -> np.ndarray:
+    """(runs x tasks [x steps]) matrix that rliable bootstraps. rliable needs the same number of runs per
+    task: a task with more runs contributes its first ones (by seed) only."""
+    n = min(len(v) for v in per_task.values())
+    return np.stack([np.asarray(v[:n], float) for _, v in sorted(per_task.items())], axis=1)
+
+
+def _aggregate_functions():
+    from rliable import metrics
+
+    return {"IQM": metrics.aggregate_iqm, "mean": metrics.aggregate_mean, "median": metrics.aggregate_median,
+            "optimality gap": metrics.aggregate_optimality_gap}
+
+
+AGGREGATES = ("IQM", "mean", "median", "optimality gap")
+
+
+class _GlobalSeed:
+    """rliable's stratified bootstrap draws from numpy's global generator: seed it for the call and put
+    the caller's state back afterwards."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.saved = np.random.get_state()
+        np.random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        np.random.set_state(self.saved)
+
+
+def interval_estimates(score_dict: dict, func, reps: int) -> tuple[dict, dict]:
+    """rliable's point estimates and stratified-bootstrap 95% percentile CIs of ``func`` for each key."""
+    from rliable import library
+
+    with _GlobalSeed(BOOTSTRAP_SEED):
+        return library.get_interval_estimates(score_dict, func, reps=reps)
+
+
+def iqm(scores: np.ndarray, reps: int) -> tuple[float, float, float]:
+    """rliable's IQM of a (runs x tasks) matrix with its stratified-bootstrap 95% CI: (point, low, high)."""
+    from rliable import metrics
+
+    point, ci = interval_estimates({"x": scores}, metrics.aggregate_iqm, reps)
+    low, high = np.ravel(ci["x"])
+    return float(point["x"]), float(low), float(high)
+
+
+def aggregates(scores: np.ndarray, reps: int) -> dict[str, tuple[float, float, float]]:
+    """IQM, mean, median and optimality gap of a (runs x tasks) matrix: (point, low, high) each."""
+    funcs = _aggregate_functions()
+    point, ci = interval_estimates({"x": scores}, lambda s: np.array([funcs[k](s) for k in AGGREGATES]), reps)
+    return {k: (float(point["x"][i]), float(ci["x"][0][i]), float(ci["x"][1][i])) for i, k in enumerate(AGGREGATES)}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int) -> tuple[float, float, float]:
+    """P(X > Y): the chance that a run of X beats a run of Y on a random task of the shared set (rliable's
+    Mann-Whitney form, ties count half), with its stratified-bootstrap CI (runs of X and Y drawn apart)."""
+    from rliable import metrics
+
+    point, ci = interval_estimates({"x,y": (x, y)}, metrics.probability_of_improvement, reps)
+    low, high = np.ravel(ci["x,y"])
+    return float(point["x,y"]), float(low), float(high)
+
+
+def iqm_curve(scores: np.ndarray, reps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQM at each step of a (runs x tasks x steps) matrix, with stratified-bootstrap CIs."""
+    from scipy import stats
+
+    # rliable's aggregate_iqm (scipy's 25% trimmed mean over all runs and tasks) at every step in one call.
+    point, ci = interval_estimates(
+        {"x": scores}, lambda s: stats.trim_mean(s.reshape(-1, s.shape[-1]), 0.25, axis=0), reps)
+    return point["x"], ci["x"][0], ci["x"][1]
+
+
+def _score_distribution(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    # rliable's default profile (run_score_deviation: mean(scores > tau)) for every tau at once: its
+    # np.vectorize form costs a Python call per tau and resample.
+    return (np.asarray(scores).reshape(-1, 1) > np.asarray(taus).reshape(1, -1)).mean(axis=0)
+
+
+def performance_profile(score_dict: dict[str, np.ndarray], taus: np.ndarray, reps: int) -> tuple[dict, dict]:
+    """Fraction of runs scoring above each tau, with stratified-bootstrap CIs (rliable's score distribution)."""
+    from rliable import library
+
+    with _GlobalSeed(BOOTSTRAP_SEED):
+        return library.create_performance_profile(score_dict, taus, custom_profile_func=_score_distribution,
+                                                  reps=reps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +200,21 @@ class Run:
     @property
     def sparse(self) -> bool:
         return any(float(v) > 0 for k, v in self.cfg.items() if k.endswith(".sparsity") and v is not None)
+
+    @property
+    def critic_params(self) -> int | None:
+        critic = (self.summary or {}).get("params", {}).get("critic")
+        return int(critic["total_params"]) if critic else None
+
+    @property
+    def final_step(self) -> int:
+        """Env steps the run trained for (its summary's, else its config's budget)."""
+        return int((self.summary or {}).get("env_steps") or self.cfg.get("env_steps") or 0)
+
+    def evaluations(self) -> dict[int, float]:
+        """env_step -> evaluation return, from metrics.csv."""
+        return {int(float(row["env_step"])): float(row["eval_return"]) for row in self.metrics
+                if row.get("eval_return") not in (None, "", "nan")}
 
 
 def _sweep_labels(run_dir: Path) -> dict[str, str]:
@@ -218,17 +301,126 @@ def task_table(all_runs: list[Run]) -> list[dict]:
     return rows
 
 
-def aggregate_table(all_runs: list[Run], reps: int) -> list[dict]:
-    """Per variant: IQM over all tasks and seeds with a stratified-bootstrap 95% CI."""
+def _order(rs: list[Run]) -> tuple:
+    return rs[0].total_params or 0, rs[0].variant
+
+
+def final_scores(rs: list[Run]) -> dict[str, list[float]]:
+    """task -> scores of the finished runs, ordered by seed."""
+    return {env: [score(env, r.final_return) for r in sorted(g, key=lambda r: r.seed)]
+            for env, g in by([r for r in rs if r.summary], lambda r: r.env).items()}
+
+
+def aggregate_table(all_runs: list[Run], reps: int, baseline_scores: dict[str, dict] | None = None) -> list[dict]:
+    """Per variant (and per requested baseline): IQM, mean, median and optimality gap of the scores over all
+    tasks and seeds, with stratified-bootstrap 95% CIs."""
     rows = []
     groups = by([r for r in all_runs if r.summary], lambda r: r.variant)
-    for variant, rs in sorted(groups.items(), key=lambda kv: (kv[1][0].total_params, kv[0])):
-        per_task = [[r.final_return for r in t] for t in by(rs, lambda r: r.env).values()]
-        point, lo, hi = stratified_bootstrap_ci(per_task, iqm, reps)
-        rows.append({"variant": variant, "tasks": len(per_task), "runs": len(rs), "iqm": point, "lo": lo, "hi": hi,
+    for variant, rs in sorted(groups.items(), key=lambda kv: _order(kv[1])):
+        scores = score_matrix(final_scores(rs))
+        rows.append({"variant": variant, "tasks": scores.shape[1], "runs": scores.size,
                      "params": int(np.mean([r.total_params for r in rs])),
-                     "nonzero": int(np.mean([r.nonzero_params for r in rs]))})
+                     "nonzero": int(np.mean([r.nonzero_params for r in rs])), **aggregates(scores, reps)})
+    for name, per_task in (baseline_scores or {}).items():
+        if per_task:
+            scores = score_matrix(per_task)
+            rows.append({"variant": f"baseline: {name}", "tasks": scores.shape[1], "runs": scores.size,
+                         "params": None, "nonzero": None, **aggregates(scores, reps)})
     return rows
+
+
+def _sparsity_text(r: Run) -> str:
+    sp = {k.split(".")[0]: float(v) for k, v in sorted(r.cfg.items())
+          if k.endswith(".sparsity") and v is not None and float(v) > 0}
+    return f"{sp['critic']:g}" if list(sp) == ["critic"] else ", ".join(f"{m} {v:g}" for m, v in sp.items())
+
+
+def comparison_pairs(all_runs: list[Run]) -> list[tuple[str, list[Run], list[Run]]]:
+    """(label, sparse runs, dense runs) for each sparse variant and each dense variant of the same model
+    (same agent and total parameters): the paper's question at that size."""
+    pairs = []
+    done = [r for r in all_runs if r.summary]
+    for (agent, _), rs in sorted(by(done, lambda r: (r.cfg.get("agent"), r.total_params)).items(),
+                                 key=lambda kv: _order(kv[1])):
+        variants = by(rs, lambda r: r.variant)
+        dense = {v: g for v, g in variants.items() if not g[0].sparse}
+        sparse = {v: g for v, g in variants.items() if g[0].sparse}
+        # name the variants when the size and sparsity alone do not tell the comparisons apart
+        ambiguous = len(dense) > 1 or len({_sparsity_text(g[0]) for g in sparse.values()}) < len(sparse)
+        for sv, sg in sorted(sparse.items()):
+            for dv, dg in sorted(dense.items()):
+                size = human(sg[0].critic_params or sg[0].total_params)
+                label = f"{agent} critic {size}" + (f" ({sv} vs {dv})" if ambiguous else "")
+                pairs.append((label, sg, dg))
+    return pairs
+
+
+def comparison_table(all_runs: list[Run], reps: int) -> list[dict]:
+    """Per comparison: IQM of sparse and dense on the tasks both ran, and P(sparse > dense), with CIs."""
+    from rliable import metrics
+
+    rows = []
+    for label, sparse, dense in comparison_pairs(all_runs):
+        xs, ys = final_scores(sparse), final_scores(dense)
+        shared = sorted(set(xs) & set(ys))
+        if not shared:
+            continue
+        x, y = score_matrix({t: xs[t] for t in shared}), score_matrix({t: ys[t] for t in shared})
+        rows.append({"label": label, "sparsity": _sparsity_text(sparse[0]), "tasks": shared,
+                     "sparse_runs": x.shape[0], "dense_runs": y.shape[0], "sparse_iqm": iqm(x, reps),
+                     "dense_iqm": iqm(y, reps), "p_improvement": probability_of_improvement(x, y, reps)})
+    return rows
+
+
+def headline(row: dict) -> str:
+    """'sac critic 17M: sparse 0.9 IQM 0.81 [0.78, 0.84] vs dense 0.74 [0.70, 0.77]; P(sparse > dense) = ...'"""
+    s, d, p = row["sparse_iqm"], row["dense_iqm"], row["p_improvement"]
+    return (f"{row['label']}: sparse {row['sparsity']} IQM {s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}] vs dense "
+            f"{d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}]; P(sparse > dense) = {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] "
+            f"({len(row['tasks'])} task{'s' * (len(row['tasks']) > 1)}, {row['sparse_runs']} vs {row['dense_runs']} "
+            "runs per task)")
+
+
+def baseline_final_scores(names: list[str], all_runs: list[Run]) -> tuple[dict[str, dict], list[str]]:
+    """Per baseline: task -> per-seed scores at its evaluation nearest the user's budget on that task, for
+    the tasks the user's runs cover; and the notes on missing tasks and differing budgets."""
+    from sparserl import baselines
+
+    budgets = {env: max(r.final_step for r in g) for env, g in by([r for r in all_runs if r.summary],
+                                                                    lambda r: r.env).items()}
+    out, notes = {}, []
+    for name in names:
+        have = set(baselines.tasks(name))
+        missing = sorted(set(budgets) - have)
+        if missing:
+            notes.append(f"{name} has no published results on {', '.join(missing)}: its aggregates leave them out")
+        out[name] = {env: [score(env, v) for v in baselines.scores_at(name, env, step)]
+                     for env, step in sorted(budgets.items()) if env in have}
+        for env in sorted(out[name]):
+            nearest = baselines.nearest_step(name, env, budgets[env])
+            if nearest != budgets[env]:
+                notes.append(f"{name} on {env}: budgets differ: your runs end at {budgets[env]:,} env steps, "
+                             f"its nearest evaluation is at {nearest:,} (it has evaluations "
+                             f"{_step_range(baselines.steps(name, env))})")
+    return out, notes
+
+
+def _step_range(steps: list[int]) -> str:
+    gaps = sorted({b - a for a, b in zip(steps, steps[1:])})
+    every = f"every {gaps[0]:,} env steps" if len(gaps) == 1 else f"at {len(steps)} steps"
+    return f"{every} from {steps[0]:,} to {steps[-1]:,}"
+
+
+def write_evaluations_csv(all_runs: list[Run], path: Path) -> None:
+    """Every run's evaluations in the schema of the published baselines' files (rliable-ready)."""
+    from sparserl import baselines
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(baselines.COLUMNS)
+        for r in sorted(all_runs, key=lambda r: (r.variant, r.env, r.seed)):
+            for step, value in sorted(r.evaluations().items()):
+                w.writerow([r.variant, r.env, r.seed, "avg_return", step, repr(value)])
 
 
 def write_summary_csv(all_runs: list[Run], path: Path) -> None:
@@ -292,13 +484,67 @@ def _decorate(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path) -> Path:
+def _no_crowded_ticks(fig, axes) -> None:
+    """Tilt a panel's x tick labels when they would run into each other (measured on the drawn figure)."""
     fig.tight_layout()
+    fig.canvas.draw()
+    for ax in axes:
+        boxes = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        if any(a.x1 + 2 > b.x0 for a, b in zip(boxes, boxes[1:])):
+            ax.tick_params(axis="x", labelrotation=35)
+            for t in ax.get_xticklabels():
+                t.set_horizontalalignment("right")
+
+
+def _legend_below(fig, axes) -> int:
+    """One legend for the figure, under its panels, so that it never hides a curve; labels from every panel."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if not labels:
+        return 0
+    width_in = fig.get_size_inches()[0]
+    # columns that fit the figure's width at ~0.075 inch per character of the longest label (8 pt)
+    ncol = max(1, min(len(labels), int(width_in / (0.6 + 0.075 * max(map(len, labels))))))
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", fontsize=8, frameon=False, ncol=ncol)
+    return math.ceil(len(labels) / ncol)
+
+
+def _save(fig, path: Path, legend_rows: int = 0) -> Path:
+    """Lay out and write the figure; ``legend_rows`` of a legend under the panels get room of their own."""
+    if legend_rows:
+        width, height = fig.get_size_inches()
+        room = 0.22 * legend_rows + 0.15
+        fig.set_size_inches(width, height + room)
+        fig.tight_layout(rect=(0, room / (height + room), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return path
+
+
+AGGREGATE_PANEL = "IQM over tasks (score)"
+
+
+def _scaling_points(rs: list[Run], panel: str, x_of, reps: int) -> list[tuple]:
+    """(x, y, low, high) per model size: mean final return with its t CI on a task's panel, the IQM score
+    with its stratified-bootstrap CI on the aggregate panel."""
+    points = []
+    for x, grp in sorted(by(rs, x_of).items()):
+        if panel == AGGREGATE_PANEL:
+            points.append((x, *iqm(score_matrix(final_scores(grp)), reps)))
+            continue
+        vals = [r.final_return for r in grp if r.env == panel]
+        if vals:
+            y, ci = mean_ci(vals)
+            points.append((x, y, y - ci, y + ci))
+    return points
 
 
 def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path | None:
@@ -310,39 +556,33 @@ def plot_scaling(all_runs: list[Run], out: Path, x_key: str, reps: int) -> Path 
     from matplotlib.ticker import FuncFormatter, NullFormatter  # after runs.pyplot() chose the backend
 
     envs_ = sorted({r.env for r in done})
-    fig, axes = _panels(len(envs_) + (len(envs_) > 1), plt)
+    panels = envs_ + ([AGGREGATE_PANEL] if len(envs_) > 1 else [])
+    fig, axes = _panels(len(panels), plt)
     x_of = (lambda r: r.total_params) if x_key == "total" else (lambda r: r.nonzero_params)
-    for ax, env in zip(axes, envs_ + (["IQM over tasks"] if len(envs_) > 1 else [])):
+    for ax, panel in zip(axes, panels):
+        drawn = []
         for family, rs in sorted(by(done, _family).items()):
-            points = []
-            for x, grp in sorted(by(rs, x_of).items()):
-                if env == "IQM over tasks":
-                    y, lo, hi = stratified_bootstrap_ci([[r.final_return for r in t] for t in by(grp, lambda r: r.env).values()],
-                                                        iqm, reps)
-                else:
-                    vals = [r.final_return for r in grp if r.env == env]
-                    if not vals:
-                        continue
-                    y, ci = mean_ci(vals)
-                    lo, hi = y - ci, y + ci
-                points.append((x, y, lo, hi))
+            points = _scaling_points(rs, panel, x_of, reps)
             if not points:
                 continue
             xs, ys, los, his = map(np.array, zip(*points))
-            style = "-" if "sparse" in family else "--"
-            ax.errorbar(xs, ys, yerr=[ys - los, his - ys], fmt=style + "o", capsize=3, markersize=4, label=family)
-        _limit_to_runs(ax, [r.final_return for r in done if env in (r.env, "IQM over tasks")])
+            drawn += list(ys)
+            ax.errorbar(xs, ys, yerr=[ys - los, his - ys], fmt=("-" if "sparse" in family else "--") + "o",
+                        capsize=3, markersize=4, label=family)
+        _limit_to_runs(ax, drawn if panel == AGGREGATE_PANEL else [r.final_return for r in done if r.env == panel])
         ax.set_xscale("log")
         ticks = sorted({x_of(r) for r in done})
         if len(ticks) <= 8:  # label the sizes that were run
             ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        _decorate(ax, env, "total parameters" if x_key == "total" else "non-zero parameters", "final return")
-    axes[0].legend(fontsize=7)
+        _decorate(ax, panel, "total parameters" if x_key == "total" else "non-zero parameters",
+                  "IQM score" if panel == AGGREGATE_PANEL else "final return")
+    _no_crowded_ticks(fig, axes)
+    legend_rows = _legend_below(fig, axes)
     fig.suptitle(f"final return vs {'total' if x_key == 'total' else 'non-zero'} parameters\n"
                  "(dense dashed, sparse solid; 95% CI; IQM panel: stratified bootstrap)", fontsize=10)
-    return _save(fig, out / f"scaling_{x_key}.png")
+    return _save(fig, out / f"scaling_{x_key}.png", legend_rows)
 
 
 def plot_sparsity(all_runs: list[Run], out: Path) -> Path | None:
@@ -363,9 +603,9 @@ def plot_sparsity(all_runs: list[Run], out: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=cis, fmt="-o", capsize=3, markersize=4, label=f"{human(size)} params")
         _limit_to_runs(ax, [r.final_return for r in done if r.env == env])
         _decorate(ax, env, "critic sparsity", "final return")
-        ax.legend(fontsize=7)
+    legend_rows = _legend_below(fig, axes)
     fig.suptitle("sparsity sweep per model size (95% CI)", fontsize=10)
-    return _save(fig, out / "sparsity.png")
+    return _save(fig, out / "sparsity.png", legend_rows)
 
 
 def _curve(rs: list[Run], table: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -385,7 +625,34 @@ def _curve(rs: list[Run], table: str, key: str) -> tuple[np.ndarray, np.ndarray,
     return np.array(steps), np.array([m for m, _ in stats]), np.array([c for _, c in stats])
 
 
-def plot_curves(all_runs: list[Run], out: Path) -> Path | None:
+def _steps_axis(ax) -> None:
+    """Env steps as 20k / 1.5M, at most 5 ticks: readable at 100% zoom."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+
+
+def plot_baseline_overlay(ax, names: list[str], env: str, max_step: int, scale: float = 1.0) -> list[float]:
+    """Each baseline's mean over seeds with a 95% t band, up to the runs' last step (dotted); the values drawn."""
+    from sparserl import baselines
+
+    drawn = []
+    for i, name in enumerate(names):
+        steps, values = baselines.curve(name, env, max_step)
+        if not steps.size or not values.size:
+            continue
+        stats = [mean_ci(values[:, j] / scale) for j in range(steps.size)]
+        m, ci = np.array([a for a, _ in stats]), np.array([c for _, c in stats])
+        color = f"C{(i + 5) % 10}"  # away from the first colours, which the user's variants take
+        ax.plot(steps, m, ":", marker=".", color=color, label=f"baseline: {name} ({values.shape[0]} seeds)")
+        ax.fill_between(steps, m - ci, m + ci, color=color, alpha=0.12)
+        drawn += [v for v, s in zip(m, steps) if s <= max_step]
+    return drawn
+
+
+def plot_curves(all_runs: list[Run], out: Path, baseline_names: list[str] = ()) -> Path | None:
+    """Per task: evaluation return against env steps per variant, and the requested published baselines."""
     with_rows = [r for r in all_runs if r.metrics]
     if not with_rows:
         return None
@@ -400,12 +667,81 @@ def plot_curves(all_runs: list[Run], out: Path) -> Path | None:
             x, m, ci = c
             line, = ax.plot(x, m, "-" if rs[0].sparse else "--", label=variant)
             ax.fill_between(x, m - ci, m + ci, color=line.get_color(), alpha=0.2)
-        _limit_to_runs(ax, [float(row["eval_return"]) for r in with_rows if r.env == env for row in r.metrics
-                            if row.get("eval_return") not in (None, "", "nan")])
+        own = [v for r in with_rows if r.env == env for v in r.evaluations().values()]
+        max_step = max(s for r in with_rows if r.env == env for s in r.evaluations()) if own else 0
+        drawn = plot_baseline_overlay(ax, list(baseline_names), env, max_step)
+        if max_step:
+            ax.set_xlim(0, max_step)  # a baseline's curve runs on past the user's budget: keep to the runs'
+        _limit_to_runs(ax, own + drawn)
+        _steps_axis(ax)
         _decorate(ax, env, "env steps", "evaluation return")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("learning curves: mean over seeds, 95% CI band\n(dense dashed, sparse solid)", fontsize=10)
-    return _save(fig, out / "curves.png")
+    legend_rows = _legend_below(fig, axes)
+    fig.suptitle("learning curves: mean over seeds, 95% CI band\n(dense dashed, sparse solid, published "
+                 "baselines dotted)", fontsize=10)
+    return _save(fig, out / "curves.png", legend_rows)
+
+
+def aggregate_curve_scores(rs: list[Run]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The steps every run evaluated at, and the (runs x tasks x steps) score matrix there."""
+    evals = {r.path: r.evaluations() for r in rs}
+    steps = sorted(set.intersection(*(set(e) for e in evals.values()))) if evals else []
+    if not steps:
+        return None
+    per_task = {env: [[score(env, evals[r.path][t]) for t in steps] for r in sorted(g, key=lambda r: r.seed)]
+                for env, g in by(rs, lambda r: r.env).items()}
+    return np.array(steps), score_matrix(per_task)
+
+
+def plot_aggregate_curves(all_runs: list[Run], out: Path, reps: int) -> Path | None:
+    """IQM over tasks and seeds of the score at each evaluation step, per variant, with stratified-bootstrap
+    95% CI bands: the learning curves of the whole experiment in one panel."""
+    with_rows = [r for r in all_runs if r.evaluations()]
+    curves = []
+    for variant, rs in sorted(by(with_rows, lambda r: r.variant).items(), key=lambda kv: _order(kv[1])):
+        found = aggregate_curve_scores(rs)
+        if found is not None and found[0].size > 1:
+            curves.append((variant, rs[0].sparse, found[0], *iqm_curve(found[1], reps)))
+    if not curves:
+        return None
+    plt = runs.pyplot()
+    fig, axes = _panels(1, plt, width=7.5, height=3.6)
+    ax = axes[0]
+    for variant, sparse, steps, m, lo, hi in curves:
+        line, = ax.plot(steps, m, "-" if sparse else "--", label=variant)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    _steps_axis(ax)
+    _decorate(ax, f"IQM over {len({r.env for r in with_rows})} task(s)", "env steps",
+              "IQM score (DMC: return / 1000)")
+    legend_rows = _legend_below(fig, axes)
+    fig.suptitle("aggregate learning curves: IQM over tasks and seeds, stratified-bootstrap 95% CI band", fontsize=10)
+    return _save(fig, out / "aggregate_curves.png", legend_rows)
+
+
+def plot_profiles(all_runs: list[Run], out: Path, reps: int, baseline_scores: dict[str, dict] | None = None
+                  ) -> Path | None:
+    """Performance profiles: fraction of runs whose final score exceeds tau, per variant (and baseline)."""
+    done = [r for r in all_runs if r.summary]
+    score_dict = {v: score_matrix(final_scores(rs)) for v, rs in sorted(by(done, lambda r: r.variant).items(),
+                                                                        key=lambda kv: _order(kv[1]))}
+    score_dict.update({f"baseline: {n}": score_matrix(t) for n, t in (baseline_scores or {}).items() if t})
+    if not score_dict:
+        return None
+    top = max(1.0, max(float(s.max()) for s in score_dict.values()))
+    taus = np.linspace(0.0, top, 101)
+    profiles, cis = performance_profile(score_dict, taus, reps)
+    plt = runs.pyplot()
+    fig, axes = _panels(1, plt, width=7.5, height=3.6)
+    ax = axes[0]
+    sparse = {r.variant: r.sparse for r in done}
+    for key in score_dict:
+        style = ":" if key.startswith("baseline: ") else "-" if sparse.get(key) else "--"
+        line, = ax.plot(taus, profiles[key], style, label=key)
+        ax.fill_between(taus, cis[key][0], cis[key][1], color=line.get_color(), alpha=0.15)
+    ax.set_ylim(-0.02, 1.02)
+    _decorate(ax, "performance profile (final scores)", "score τ (DMC: return / 1000)", "fraction of runs > τ")
+    legend_rows = _legend_below(fig, axes)
+    fig.suptitle("performance profiles with stratified-bootstrap 95% CI bands", fontsize=10)
+    return _save(fig, out / "profiles.png", legend_rows)
 
 
 DIAG_PANELS = (("critic_srank_post_ln", "critic srank (post-LN features)"),
@@ -437,10 +773,11 @@ def plot_diagnostics(all_runs: list[Run], out: Path) -> Path | None:
                             if row.get(key) not in (None, "", "nan")])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("env steps")
+        _steps_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    legend_rows = _legend_below(fig, axes)
     fig.suptitle("diagnostics over training (mean over tasks and seeds, 95% CI)", fontsize=10)
-    return _save(fig, out / "diagnostics.png")
+    return _save(fig, out / "diagnostics.png", legend_rows)
 
 
 def plot_cosines(all_runs: list[Run], out: Path) -> Path | None:
@@ -484,43 +821,125 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(title: str, all_runs: list[Run], tasks: list[dict], agg: list[dict], figures: list[tuple[str, Path]]) -> str:
-    counts = by(all_runs, lambda r: r.status)
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             "<p>" + ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items())) + " run(s); generated from the run "
-             "directories by <code>sparserl report</code>. Final return = mean of the final evaluation episodes.</p>"]
-    if agg:
-        parts.append("<h2>Aggregate over tasks: IQM with stratified-bootstrap 95% CI</h2>")
-        parts.append(_table(["variant", "tasks", "runs", "params", "non-zero", "IQM", "95% CI"],
+@dataclass
+class Contents:
+    """What report.html shows, computed before it is written."""
+    title: str
+    runs: list[Run]
+    tasks: list[dict]
+    aggregates: list[dict]
+    comparisons: list[dict]
+    notes: list[str]
+    figures: list[tuple[str, Path]]
+
+
+def _ci(point_low_high: tuple) -> str:
+    point, low, high = point_low_high
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _headline_html(c: Contents) -> str:
+    items = "".join(f"<li>{html.escape(headline(row))}</li>" for row in c.comparisons)
+    if not items:
+        items = ("<li>No sparse and dense variant of the same model (agent and parameter count) among these runs: "
+                 "nothing to compare; the tables below hold each variant's statistics.</li>")
+    return ("<section id=\"headline\"><h2>Headline: sparse vs dense at each model size</h2><ul>" + items + "</ul>"
+            "<p class=\"note\">Score = final evaluation return / 1000 (DMC). IQM and P(sparse &gt; dense) from rliable, "
+            "95% stratified-bootstrap CIs over the tasks both variants ran.</p></section>")
+
+
+def _tables_html(c: Contents) -> list[str]:
+    parts = []
+    if c.aggregates:
+        parts.append("<h2>Aggregate over tasks: scores with stratified-bootstrap 95% CIs (rliable)</h2>")
+        parts.append(_table(["variant", "tasks", "runs", "params", "non-zero", *AGGREGATES],
                             [[a["variant"], a["tasks"], a["runs"], _fmt_int(a["params"]), _fmt_int(a["nonzero"]),
-                              f"{a['iqm']:.1f}", f"[{a['lo']:.1f}, {a['hi']:.1f}]"] for a in agg]))
-    if tasks:
+                              *(_ci(a[k]) for k in AGGREGATES)] for a in c.aggregates]))
+    if c.notes:
+        parts.append("<h3>Published baselines: coverage</h3><ul class=\"note\">"
+                     + "".join(f"<li>{html.escape(n)}</li>" for n in c.notes) + "</ul>")
+    if c.comparisons:
+        parts.append("<h2>Probability of improvement: sparse over dense, per model size</h2>")
+        parts.append(_table(["comparison", "sparsity", "tasks", "runs per task (sparse / dense)", "sparse IQM",
+                             "dense IQM", "P(sparse > dense)"],
+                            [[row["label"], row["sparsity"], ", ".join(row["tasks"]),
+                              f"{row['sparse_runs']} / {row['dense_runs']}", _ci(row["sparse_iqm"]),
+                              _ci(row["dense_iqm"]), _ci(row["p_improvement"])] for row in c.comparisons]))
+    if c.tasks:
         parts.append("<h2>Per task: mean final return over seeds (Student-t 95% CI)</h2>")
         parts.append(_table(["variant", "task", "seeds", "params", "non-zero", "mean", "± 95% CI"],
                             [[t["variant"], t["env"], t["seeds"], _fmt_int(t["params"]), _fmt_int(t["nonzero"]),
-                              f"{t['mean']:.1f}", f"{t['ci95']:.1f}"] for t in tasks]))
-    for caption, path in figures:
+                              f"{t['mean']:.1f}", f"{t['ci95']:.1f}"] for t in c.tasks]))
+    return parts
+
+
+def render_html(c: Contents) -> str:
+    counts = by(c.runs, lambda r: r.status)
+    parts = [f"<h1>{html.escape(c.title)}</h1>", _headline_html(c),
+             "<p>" + ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items())) + " run(s); generated from the run "
+             "directories by <code>sparserl report</code>. Final return = mean of the final evaluation episodes; "
+             "every evaluation is in <code>evaluations.csv</code>.</p>", *_tables_html(c)]
+    for caption, path in c.figures:
         parts.append(f"<h2>{html.escape(caption)}</h2><img src=\"{html.escape(path.name)}\" alt=\"{html.escape(caption)}\">")
     parts.append("<h2>Every run</h2>")
     parts.append(_table(["variant", "task", "seed", "status", "params", "non-zero", "final return", "wall time", "run directory"],
                         [[r.variant, r.env, r.seed, r.status, _fmt_int(r.total_params), _fmt_int(r.nonzero_params),
                           f"{r.final_return:.1f}" if r.summary else "-",
                           f"{r.summary['wall_time']:.0f} s" if r.summary and "wall_time" in r.summary else "-", str(r.path)]
-                         for r in sorted(all_runs, key=lambda r: (r.variant, r.env, r.seed))]))
+                         for r in sorted(c.runs, key=lambda r: (r.variant, r.env, r.seed))]))
     style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}"
-             "img{max-width:100%;border:1px solid #eee}")
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+             "#headline{background:#f4f8ff;border:1px solid #b8cdf0;padding:0.3em 1em;font-size:1.05em}"
+             ".note{color:#555;font-size:0.85em}img{max-width:100%;border:1px solid #eee}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(c.title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(dirs: list[Path], out: Path | None = None, reps: int = 2000) -> Path:
-    """Write report.html, its PNGs and summary.csv for the runs under ``dirs``; returns the folder."""
-    from sparserl import preflight
+def _figures(all_runs: list[Run], out: Path, reps: int, names: list[str], baseline_scores: dict) -> list[tuple[str, Path]]:
+    return [(caption, p) for caption, p in (
+        ("Scaling: final return vs total parameters", plot_scaling(all_runs, out, "total", reps)),
+        ("Scaling: final return vs non-zero parameters", plot_scaling(all_runs, out, "nonzero", reps)),
+        ("Sparsity sweep", plot_sparsity(all_runs, out)),
+        ("Aggregate learning curves (IQM over tasks)", plot_aggregate_curves(all_runs, out, reps)),
+        ("Performance profiles", plot_profiles(all_runs, out, reps, baseline_scores)),
+        ("Learning curves", plot_curves(all_runs, out, names)),
+        ("Diagnostics over training", plot_diagnostics(all_runs, out)),
+        ("Gradient interference", plot_cosines(all_runs, out))) if p is not None]
+
+
+REPORT_OPTIONS = {"baselines": "published baselines to set beside the runs, comma-separated (e.g. simba,bro)"}
+
+
+def parse_args(tokens: list[str]) -> tuple[list[Path], list[str]]:
+    """``sparserl report DIR... [baselines=simba,bro]``: the directories and the baseline names. A token
+    ``key=value`` that is not an existing path is a report option (sweep point folders have '=' in them)."""
+    from sparserl import baselines
+
+    dirs, names = [], []
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if not eq or Path(token).exists() or os.sep in key:
+            dirs.append(Path(token))
+        elif key == "baselines":
+            names += [n.strip() for n in value.split(",") if n.strip()]
+        else:
+            raise ConfigError(f"{token!r}: unknown report option {key!r} (options: "
+                              + ", ".join(f"{k}=..." for k in REPORT_OPTIONS) + ")")
+    baselines.check(names)
+    if not dirs:
+        raise ConfigError("no directory given: sparserl report DIR... [baselines=NAME,...]")
+    return dirs, names
+
+
+def write_report(dirs: list[Path], out: Path | None = None, reps: int = 2000, baseline_names: list[str] = ()) -> Path:
+    """Write report.html, its PNGs, summary.csv, evaluations.csv and headline.txt for the runs under ``dirs``
+    (with the named published baselines beside them); returns the folder."""
+    from sparserl import baselines, preflight
 
     if not MIN_BOOTSTRAP <= reps <= MAX_BOOTSTRAP:
         raise ConfigError(f"--bootstrap={reps}: use between {MIN_BOOTSTRAP} and {MAX_BOOTSTRAP:,} resamples")
+    baselines.check(list(baseline_names))
     for d in dirs:
         if not d.is_dir():
             raise ConfigError(f"{str(d)!r}: " + ("not a directory" if d.exists() else "no such directory"))
@@ -531,14 +950,11 @@ def write_report(dirs: list[Path], out: Path | None = None, reps: int = 2000) ->
     for old in out.glob("*.png"):  # a figure that no longer applies must not linger
         old.unlink()
     write_summary_csv(all_runs, out / "summary.csv")
-    tasks, agg = task_table(all_runs), aggregate_table(all_runs, reps)
-    figures = [(caption, p) for caption, p in (
-        ("Scaling: final return vs total parameters", plot_scaling(all_runs, out, "total", reps)),
-        ("Scaling: final return vs non-zero parameters", plot_scaling(all_runs, out, "nonzero", reps)),
-        ("Sparsity sweep", plot_sparsity(all_runs, out)),
-        ("Learning curves", plot_curves(all_runs, out)),
-        ("Diagnostics over training", plot_diagnostics(all_runs, out)),
-        ("Gradient interference", plot_cosines(all_runs, out))) if p is not None]
-    title = "sparserl report: " + ", ".join(d.name for d in dirs)
-    (out / "report.html").write_text(render_html(title, all_runs, tasks, agg, figures))
+    write_evaluations_csv(all_runs, out / "evaluations.csv")
+    baseline_scores, notes = baseline_final_scores(list(baseline_names), all_runs)
+    contents = Contents("sparserl report: " + ", ".join(d.name for d in dirs), all_runs, task_table(all_runs),
+                        aggregate_table(all_runs, reps, baseline_scores), comparison_table(all_runs, reps), notes,
+                        _figures(all_runs, out, reps, list(baseline_names), baseline_scores))
+    (out / "headline.txt").write_text("".join(headline(row) + "\n" for row in contents.comparisons))
+    (out / "report.html").write_text(render_html(contents))
     return out
