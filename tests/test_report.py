@@ -3,6 +3,7 @@
 
 import csv
 import gzip
+import html as html_lib
 import json
 import math
 import re
@@ -394,3 +395,48 @@ def test_report_options_are_checked():
         report.parse_args(["runs/x", "basline=simba"])
     assert report.parse_args(["runs/x", "baselines=simba, bro"]) == ([Path("runs/x")], ["simba", "bro"])
     assert report.parse_args(["runs/env=a,width=64"])[0] == [Path("runs/env=a,width=64")]  # a sweep point folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The page as a reader sees it: report.html rendered by headless Chromium
+
+CHROMIUM = "/usr/bin/chromium"
+# Appended to a copy of the page (beside it, so that relative image paths resolve): once everything has
+# loaded, write each image's natural size and whether the headline is there into the DOM that Chromium dumps.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images).map(i => [i.getAttribute("src"), i.complete, i.naturalWidth]);
+  const headline = document.getElementById("headline");
+  const pre = document.createElement("pre");
+  pre.id = "probe";
+  pre.textContent = JSON.stringify({images: images, headline: headline ? headline.innerText : null});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(args: list[str], user_data: Path) -> subprocess.CompletedProcess:
+    assert Path(CHROMIUM).is_file(), (f"{CHROMIUM} not found: the browser test renders report.html in headless "
+                                      "Chromium; `make install` installs it (scripts/system_deps.sh, Debian's chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={user_data}", "--virtual-time-budget=10000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_a_browser(written, tmp_path):
+    root, finals, out = written
+    page = (out / "report.html").read_text()
+    check = out / "browser_check.html"
+    check.write_text(page.replace("</body>", PROBE + "</body>"))
+    try:
+        r = _chromium(["--dump-dom", check.as_uri()], tmp_path / "profile")
+    finally:
+        check.unlink()
+    found = re.search(r'<pre id="probe">(.*?)</pre>', r.stdout, re.S)
+    assert found, f"Chromium rendered no probe (exit {r.returncode}): {r.stderr[-2000:]}"
+    probe = json.loads(html_lib.unescape(found.group(1)))
+    assert sorted(src for src, _, _ in probe["images"]) == sorted(p.name for p in out.glob("*.png"))
+    assert all(done and width > 100 for _, done, width in probe["images"]), probe["images"]  # every image loaded
+    headline = probe["headline"]
+    assert headline and "sac critic 599k: sparse 0.9 IQM" in headline and "P(sparse > dense)" in headline
