@@ -30,11 +30,22 @@ def _opt(default, *, choices=None, low=None, high=None, low_open=False, high_ope
                                                 low_open=low_open, high_open=high_open, doc=doc))
 
 
+TOPOLOGIES = ("static", "set", "rigl")  # how a module's mask may change during training (sparserl.topology)
+
+
+def _topology_opt(whose: str):
+    return _opt("static", choices=TOPOLOGIES,
+                doc=f"{whose} mask over training: static (drawn once), set (SET: drop the smallest-magnitude kept "
+                    f"weights, regrow at random) or rigl (RigL: regrow where the dense gradient is largest); "
+                    f"see docs/sparsity.md")
+
+
 @dataclass(frozen=True)
 class ActorConfig:
     width: int = _opt(128, low=1, doc="hidden width H of the actor encoder")
     blocks: int = _opt(1, low=1, doc="residual blocks (simba), extra hidden layers (mlp), or hidden layers (stream_ac)")
     sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
+    topology: str = _topology_opt("the actor's")
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class CriticConfig:
     blocks: int = _opt(2, low=1, doc="residual blocks (simba), extra hidden layers (mlp), or hidden layers (stream_ac)")
     sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of weights pruned, in [0, 1)")
     cdq: bool = _opt(False, doc="clipped double-Q (two critics, min target); off on DMC per the paper")
+    topology: str = _topology_opt("the critic's")
 
 
 @dataclass(frozen=True)
@@ -103,12 +115,28 @@ class EncoderConfig:
     layers: int = _opt(4, low=1, doc="3x3 conv layers (stride 2 first, then 1)")
     feature_dim: int = _opt(50, low=1, doc="trunk output: Linear(feature_dim) + LayerNorm + tanh, per actor/critic")
     sparsity: float = _opt(0.0, low=0.0, high=1.0, high_open=True, doc="fraction of conv weights pruned, in [0, 1)")
+    topology: str = _topology_opt("the conv encoder's (drqv2)")
 
 
 @dataclass(frozen=True)
 class RenderConfig:
     size: int = _opt(84, low=16, doc="pixel observations: rendered height and width")
     fast: bool = _opt(False, doc="render without shadows and reflections (deviation from DrQ-v2; ~8x faster on CPU)")
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    every: int = _opt(1000, low=1, doc="dynamic topology (set, rigl): rewire the masks every this many gradient "
+                                      "steps (ΔT)")
+    drop_fraction: float = _opt(0.3, low=0.0, high=1.0, low_open=True, high_open=True,
+                                doc="fraction of each layer's kept weights dropped (and as many regrown) at the "
+                                    "first topology update, in (0, 1)")
+    schedule: str = _opt("cosine", choices=("cosine", "constant"),
+                         doc="drop fraction over training: cosine (decays to 0 at topology.decay_end, as RigL) or "
+                             "constant")
+    decay_end: int = _opt(0, low=0, doc="gradient step where the cosine schedule reaches 0 (0 = topology.stop)")
+    stop: int = _opt(0, low=0, doc="no topology update after this gradient step (0 = 75% of the run's gradient "
+                                   "steps, as RigL)")
 
 
 @dataclass(frozen=True)
@@ -190,6 +218,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     log: LogConfig = field(default_factory=LogConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -211,9 +240,11 @@ class Config:
     def default_name(self) -> str:
         a, c = self.actor, self.critic
         init = "" if self.init == "dense" else f"-{self.init.replace('_', '')}"
-        enc = f"-e{self.encoder.channels}x{self.encoder.layers}s{self.encoder.sparsity:g}" if self.pixels else ""
-        return (f"{self.agent}-{self.env.replace(':', '_')}{enc}-a{a.width}x{a.blocks}s{a.sparsity:g}"
-                f"-c{c.width}x{c.blocks}s{c.sparsity:g}{init}-seed{self.seed}")
+        topo = lambda section: "" if section.topology == "static" else section.topology  # noqa: E731
+        enc = (f"-e{self.encoder.channels}x{self.encoder.layers}s{self.encoder.sparsity:g}{topo(self.encoder)}"
+               if self.pixels else "")
+        return (f"{self.agent}-{self.env.replace(':', '_')}{enc}-a{a.width}x{a.blocks}s{a.sparsity:g}{topo(a)}"
+                f"-c{c.width}x{c.blocks}s{c.sparsity:g}{topo(c)}{init}-seed{self.seed}")
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -567,6 +598,35 @@ def _check_agent_sections(cfg: Config) -> None:
                                   f"agent={' or '.join(owners)} only, not agent={cfg.agent}")
 
 
+def _check_topology(cfg: Config) -> None:
+    """Dynamic topology (sparserl.topology): a sparse module to rewire, an agent and options that fit."""
+    dynamic = []
+    for module in ("actor", "critic", "encoder"):
+        section = getattr(cfg, module)
+        if section.topology == "static":
+            continue
+        dynamic.append(module)
+        if section.sparsity == 0.0:
+            raise ConfigError(f"{module}.topology={section.topology}: rewires a sparse mask, but {module}.sparsity=0; "
+                              f"set {module}.sparsity > 0 or {module}.topology=static")
+        if cfg.agent == "stream_ac":
+            raise ConfigError(f"{module}.topology={section.topology}: not supported by agent=stream_ac "
+                              f"(replay agents only)")
+    if cfg.encoder.topology == "rigl":
+        raise ConfigError("encoder.topology=rigl: RigL's dense gradient is not implemented for the conv encoder; "
+                          "use encoder.topology=set or static")
+    if not dynamic and cfg.topology != TopologyConfig():
+        changed = next(f.name for f in dataclasses.fields(TopologyConfig)
+                       if getattr(cfg.topology, f.name) != getattr(TopologyConfig(), f.name))
+        raise ConfigError(f"topology.{changed}={getattr(cfg.topology, changed)!r}: applies only when a module's "
+                          f"topology is set or rigl (e.g. critic.topology=rigl)")
+    if dynamic and cfg.reset.every:
+        raise ConfigError(f"reset.every={cfg.reset.every}: resets redraw the initial masks, which would undo "
+                          f"{dynamic[0]}.topology={getattr(cfg, dynamic[0]).topology}; use one or the other")
+    if cfg.topology.schedule == "constant" and cfg.topology.decay_end:
+        raise ConfigError(f"topology.decay_end={cfg.topology.decay_end}: applies to topology.schedule=cosine only")
+
+
 def validate(cfg: Config, check_env: bool = True) -> None:
     """Checks that span several keys (single-key ranges are checked on assignment)."""
     for key, (tp, f) in schema().items():
@@ -590,6 +650,7 @@ def validate(cfg: Config, check_env: bool = True) -> None:
         raise ConfigError(f"buffer_size={cfg.buffer_size}: smaller than batch_size={cfg.batch_size}; a minibatch "
                           f"would repeat transitions (raise buffer_size or lower batch_size)")
     _check_agent_sections(cfg)
+    _check_topology(cfg)
     if cfg.diag_grad_samples > cfg.diag_probe_size:
         raise ConfigError(f"diag_grad_samples={cfg.diag_grad_samples}: at most diag_probe_size={cfg.diag_probe_size} "
                           f"(the per-sample gradients come from the probe set)")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import agents, diagnostics, envs, networks
+from sparserl import agents, diagnostics, envs, networks, topology
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import Config
@@ -89,6 +89,7 @@ def _measure(state, batch: Batch, stats: ObsStats, key, cfg: Config, grad_sample
         scalars.update(_feature_metrics(prefix, enc_params, x))
     for name, module in agents.modules(state).items():
         scalars[f"{name}_param_norm"] = common.global_norm(module.params)
+    scalars.update(topology.diagnostics(state))  # dynamic modules: replaced and ever-active fractions
 
     small = jax.tree_util.tree_map(lambda x: x[:grad_samples], batch)
     actor_fn, critic_fn, examples = agent.diagnostic_losses(state, small, stats, key, cfg)

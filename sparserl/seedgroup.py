@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import agents
+from sparserl import agents, topology
 from sparserl.agents import common
 from sparserl.agents.common import ObsStats, accumulate, fresh_sums, normalize
 from sparserl.config import Config
@@ -45,13 +45,18 @@ class SeedGroup:
         self.norms_fn = jax.jit(jax.vmap(norms) if vmapped else norms)
         policy = self.single_policy = jax.jit(self._policy, static_argnums=5)
         learn = jax.jit(self._learn, donate_argnums=(0, 1))
+        # dynamic topology (sparserl.topology): its own jitted function, called only at topology updates
+        self.topology_keys = [topology.seed_key(c) for c in seed_cfgs]
         if vmapped:
             self.states, self.sums, self.keys = stack(states), stack(sums), jnp.stack(keys)
             self.policy = jax.jit(jax.vmap(self._policy, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
             self.learn_fn = jax.jit(jax.vmap(self._learn, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+            self.rewire_fn = jax.jit(jax.vmap(self._rewire, in_axes=(0, 0, 0, 0, None)), donate_argnums=0)
+            self.topology_keys = jnp.stack(self.topology_keys)
         else:
             self.states, self.sums, self.keys = list(states), sums, keys
             self.policy, self.learn_fn = policy, learn
+            self.rewire_fn = jax.jit(self._rewire, donate_argnums=0)
 
     def _policy(self, actor_params, obs, obs_stats, act_key, step, deterministic):
         key = jax.random.fold_in(act_key, step)
@@ -63,6 +68,9 @@ class SeedGroup:
     def _learn(self, state, sums, batches, obs_stats, first_step):
         state, metrics = self.agent.update(state, batches, obs_stats, self.cfg)
         return state, accumulate(sums, metrics, self.agent.METRICS, first_step)
+
+    def _rewire(self, state, batch, obs_stats, key, grad_step):
+        return topology.update_state(self.agent, state, batch, obs_stats, key, grad_step, self.cfg)
 
     def act(self, obs: np.ndarray, stats: list[ObsStats], step: int, deterministic: bool) -> np.ndarray:
         if self.vmapped:
@@ -92,15 +100,29 @@ class SeedGroup:
             self.policy.lower(*policy_args, 0, deterministic).compile()
 
     def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
+        rewire = topology.due(self.cfg, step)
         step = jnp.int32(step)
         if self.vmapped:
             self.states, self.sums = self.learn_fn(self.states, self.sums, stack(batches), stack(stats), step)
         else:
             for i in range(self.n):
                 self.states[i], self.sums[i] = self.learn_fn(self.states[i], self.sums[i], batches[i], stats[i], step)
+        if rewire:
+            self.rewire(batches, stats, int(step))
         # The next action needs the new actor anyway; waiting here costs nothing and charges the
         # update's time to "update" rather than to the next "act" in the time shares.
         jax.block_until_ready(self.sums)
+
+    def rewire(self, batches: list, stats: list[ObsStats], agent_step: int) -> None:
+        """One topology update of every seed's dynamic modules, after the update call at ``agent_step``
+        (RigL's dense gradient on the last minibatch of that call's ``batches``)."""
+        grad_step = jnp.int32(topology.grad_steps_done(self.cfg, agent_step))
+        last = [jax.tree_util.tree_map(lambda x: x[-1], b) for b in batches]
+        if self.vmapped:
+            self.states = self.rewire_fn(self.states, stack(last), stack(stats), self.topology_keys, grad_step)
+        else:
+            self.states = [self.rewire_fn(st, b, ss, k, grad_step)
+                           for st, b, ss, k in zip(self.states, last, stats, self.topology_keys)]
 
     def reset_sums(self) -> None:
         sums = [fresh_sums(self.agent) for _ in range(self.n)]

@@ -1,8 +1,9 @@
 """Pieces shared by the off-policy agents: a sparse trainable module, the critic, targets, batches.
 
-A :class:`Module` is one network's parameters, its AdamW state and its fixed mask. Its optimizer is
-rebuilt from the config wherever it is needed (``sparse_adamw`` is a pure closure), so the mask
-travels with the state — it is checkpointed with it and stacks under ``vmap`` with it.
+A :class:`Module` is one network's parameters, its AdamW state and its mask (fixed, or rewired by
+:mod:`sparserl.topology`, which keeps its ``tracking``). Its optimizer is rebuilt from the config
+wherever it is needed (``sparse_adamw`` is a pure closure), so the mask travels with the state — it
+is checkpointed with it and stacks under ``vmap`` with it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparserl import networks, sparsity
+from sparserl import networks, sparsity, topology
 from sparserl.envs import ObsStats  # noqa: F401  (re-exported: what the agents normalise by)
 from sparserl.config import Config, ConfigError
 
@@ -22,6 +23,7 @@ class Module(NamedTuple):
     params: Any
     opt_state: Any
     mask: Any
+    tracking: Any = None  # a dynamic topology's topology.Tracking (None: a static mask)
 
 
 class Batch(NamedTuple):
@@ -51,7 +53,8 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
         raise ConfigError(f"{name}.{e}") from None
     params = sparsity.apply_mask(params, mask)
     tx = make_optimizer(mask) if make_optimizer else optimizer(cfg, mask)
-    return Module(params, tx.init(params), mask)
+    tracking = topology.init_tracking(mask) if topology.method(cfg, name) != "static" else None
+    return Module(params, tx.init(params), mask, tracking)
 
 
 def global_norm(tree) -> jax.Array:
@@ -80,7 +83,7 @@ def step_module(cfg: Config, module: Module, grads) -> tuple[Module, jax.Array]:
     (over kept weights: pruned coordinates are never applied, so they are not counted)."""
     updates, opt_state = optimizer(cfg, module.mask).update(grads, module.opt_state, module.params)
     params = optax.apply_updates(module.params, updates)
-    return Module(params, opt_state, module.mask), masked_global_norm(grads, module.mask)
+    return module._replace(params=params, opt_state=opt_state), masked_global_norm(grads, module.mask)
 
 
 def init_critic(cfg: Config, key, obs_dim: int, action_dim: int) -> Module:
