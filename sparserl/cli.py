@@ -113,9 +113,15 @@ def _config(args: list[str], base: dict[str, Any] | None = None) -> Config:
 
 
 def cmd_train(ns) -> int:
-    from sparserl import checkpoint, rundir, train
+    from sparserl import interrupt
 
-    cfg = _config(ns.overrides)
+    with interrupt.handling():  # from here on, a stop signal is a clean stop (exit 75), never a lost run
+        return _train(_config(ns.overrides))
+
+
+def _train(cfg: Config) -> int:
+    from sparserl import checkpoint, interrupt, rundir, train
+
     train.check_run_dirs(cfg)
     preflight.check_model_fits(cfg)  # before anything is allocated or written
     try:
@@ -126,6 +132,9 @@ def cmd_train(ns) -> int:
     except checkpoint.DiskFull as e:
         print(f"sparserl: stopped: {e}", file=sys.stderr)
         return EXIT_DISK_FULL
+    except interrupt.Interrupted as e:
+        print(f"sparserl: {e}", file=sys.stderr)
+        return interrupt.EXIT_INTERRUPTED
     for c, summary in zip(cfg.per_seed(), summaries if isinstance(summaries, list) else [summaries]):
         print(f"final_return {summary['final_return']:.1f} ± {summary['final_return_ci95']:.1f} (95% CI, "
               f"{summary['final_eval_episodes']} episodes); run directory: {c.resolved_run_dir}")

@@ -78,6 +78,60 @@ class Env:
     def set_rng_state(self, state: dict) -> None:
         raise NotImplementedError
 
+    def episode_state(self) -> dict[str, np.ndarray]:
+        """Everything the rest of the current episode depends on besides the RNG of :meth:`rng_state`
+        (simulator state, task state, step counters, frame stacks), as arrays: a checkpoint can be
+        taken mid-episode and :meth:`restore_episode` on a fresh env of the same task continues it
+        exactly. Raises :class:`EpisodeStateUnsupported` for envs whose state cannot be captured."""
+        raise EpisodeStateUnsupported(type(self).__name__)
+
+    def restore_episode(self, state: dict[str, np.ndarray]) -> None:
+        raise EpisodeStateUnsupported(type(self).__name__)
+
+
+class EpisodeStateUnsupported(NotImplementedError):
+    """This env's mid-episode state cannot be saved: checkpoints wait for an episode end."""
+
+
+def saves_episodes(env: Env) -> bool:
+    """Whether ``env`` can save its mid-episode state (checkpoints at any step)."""
+    try:
+        env.episode_state()
+    except EpisodeStateUnsupported:
+        return False
+    return True
+
+
+# Model fields that dm_control tasks randomise per episode (target positions and sizes, colours,
+# terrain, gains): restored with the simulator state, since the rest of the episode depends on them.
+_EPISODE_MODEL_FIELDS = ("geom_size", "geom_pos", "geom_rgba", "site_size", "site_pos", "site_rgba", "mat_rgba",
+                         "light_pos", "dof_damping", "jnt_stiffness", "jnt_range", "wrap_prm",
+                         "actuator_ctrlrange", "body_subtreemass", "hfield_data")
+
+
+def _mujoco_state(model, data) -> np.ndarray:
+    """MuJoCo's full integration state: time, qpos, qvel, actuator state, controls, applied forces,
+    mocap, and the solver's warm start (without it the next step differs in the last bits)."""
+    import mujoco
+
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(model, spec), np.float64)
+    mujoco.mj_getState(model, data, state, spec)
+    return state
+
+
+def _set_mujoco_state(model, data, state: np.ndarray) -> None:
+    import mujoco
+
+    mujoco.mj_setState(model, data, np.asarray(state, np.float64), mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(model, data)  # positions, velocities, sensors: what the next step starts from
+
+
+def _numeric_attributes(obj) -> dict[str, np.ndarray]:
+    """An object's numeric attributes (episode progress counters such as a task's ``_timeout_progress``)."""
+    return {k: np.asarray(v) for k, v in vars(obj).items()
+            if isinstance(v, (bool, int, float, np.number, np.ndarray)) and not k.startswith("__")}
+
 
 class EnvFault(RuntimeError):
     """The simulation cannot go on: a non-finite action, a physics error (a NaN state, a diverging
@@ -134,6 +188,30 @@ class DMCEnv(Env):
         self._env.task.random.set_state((state["name"], np.asarray(state["keys"], np.uint32), state["pos"],
                                          state["has_gauss"], state["cached_gaussian"]))
 
+    def episode_state(self) -> dict[str, np.ndarray]:
+        physics, model = self._env.physics, self._env.physics.model
+        state = {"physics": _mujoco_state(model.ptr, physics.data.ptr),
+                 "step_count": np.asarray(self._env._step_count),
+                 "reset_next_step": np.asarray(self._env._reset_next_step)}
+        state.update({f"model/{f}": np.array(getattr(model, f)) for f in _EPISODE_MODEL_FIELDS
+                      if np.size(getattr(model, f, ()))})
+        state.update({f"task/{k}": v for k, v in _numeric_attributes(self._env.task).items()})
+        return state
+
+    def restore_episode(self, state: dict[str, np.ndarray]) -> None:
+        physics, model = self._env.physics, self._env.physics.model
+        rng = self.rng_state()
+        self._env.reset()  # the task's per-episode set-up that is not numbers; its draws are undone below
+        self.set_rng_state(rng)
+        for key, value in state.items():
+            if key.startswith("model/"):
+                getattr(model, key[len("model/"):])[...] = value
+            elif key.startswith("task/"):
+                setattr(self._env.task, key[len("task/"):], value.item() if value.ndim == 0 else np.array(value))
+        _set_mujoco_state(model.ptr, physics.data.ptr, state["physics"])
+        self._env._step_count = int(state["step_count"])
+        self._env._reset_next_step = bool(state["reset_next_step"])
+
     def step(self, action):
         from dm_control.rl.control import PhysicsError
 
@@ -183,6 +261,32 @@ class GymEnv(Env):
         self._seed = state["first_reset_seed"]
         if self._seed is None:
             self._env.unwrapped.np_random.bit_generator.state = state["np_random"]
+
+    def _mujoco(self):
+        inner = self._env.unwrapped
+        if not (hasattr(inner, "model") and hasattr(inner, "data")):
+            raise EpisodeStateUnsupported(f"{type(inner).__name__} (not a MuJoCo env)")
+        return inner.model, inner.data
+
+    def episode_state(self) -> dict[str, np.ndarray]:
+        model, data = self._mujoco()
+        return {"physics": _mujoco_state(model, data), "elapsed_steps": np.asarray(self._time_limit()._elapsed_steps)}
+
+    def restore_episode(self, state: dict[str, np.ndarray]) -> None:
+        model, data = self._mujoco()
+        rng = self._env.unwrapped.np_random.bit_generator.state
+        self._env.reset()  # the wrappers' own checks want a reset before a step; its draws are undone below
+        self._env.unwrapped.np_random.bit_generator.state = rng
+        _set_mujoco_state(model, data, state["physics"])
+        self._time_limit()._elapsed_steps = int(state["elapsed_steps"])
+
+    def _time_limit(self):
+        env = self._env
+        while not hasattr(env, "_elapsed_steps"):
+            if not hasattr(env, "env"):
+                raise EpisodeStateUnsupported("a Gymnasium env without a TimeLimit wrapper")
+            env = env.env
+        return env
 
     def step(self, action):
         action = self._low + (_checked_action(action) + 1.0) * 0.5 * (self._high - self._low)
@@ -251,6 +355,14 @@ class PixelEnv(Env):
 
     def set_rng_state(self, state: dict) -> None:
         self._inner.set_rng_state(state)
+
+    def episode_state(self) -> dict[str, np.ndarray]:
+        frames = np.stack(self._frames) if self._frames else np.zeros((0, self.size, self.size, 3), np.uint8)
+        return {**self._inner.episode_state(), "frames": frames}
+
+    def restore_episode(self, state: dict[str, np.ndarray]) -> None:
+        self._inner.restore_episode({k: v for k, v in state.items() if k != "frames"})
+        self._frames = list(np.asarray(state["frames"], np.uint8))
 
 
 def _fast_scene(physics, scene) -> None:

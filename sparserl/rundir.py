@@ -45,7 +45,7 @@ RUN_CONTROL_KEYS = ("progress", "overwrite", "resume", "run_dir", "name", "seeds
                     "video.every", "video.size")
 
 OWN_FILES = frozenset({"config.yaml", "model.json", "metrics.csv", "diagnostics.csv", "summary.json", "curves.png",
-                       "error.txt", runs.RUNNING_MARKER})
+                       "error.txt", "interrupted.json", "provenance.json", runs.RUNNING_MARKER})
 OWN_DIRS = frozenset({"checkpoints", "videos", "tensorboard", "wandb", "diagnose", "report"})
 OWN_TEMPORARY = frozenset(f + ".tmp" for f in OWN_FILES)  # an atomic write interrupted by a kill
 

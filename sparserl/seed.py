@@ -94,12 +94,15 @@ def save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
     arrays["normalizer/mean"], arrays["normalizer/var"] = s.normalizer.mean, s.normalizer.var
     if s.probe is not None:
         arrays.update({f"probe/{k}": np.asarray(v) for k, v in s.probe._asdict().items()})
+    if not s.needs_reset:  # mid-episode: the episode goes on after a resume exactly as it would have
+        arrays.update({f"episode/{k}": v for k, v in s.env.episode_state().items()})
+        arrays["episode_obs"] = np.asarray(s.obs)
     meta = {
         "agent_step": agent_step, "env_step": agent_step * s.cfg.action_repeat, **s.buffer.checkpoint_meta(),
         "normalizer_count": s.normalizer.count,
         "sample_rng": s.sample_rng.bit_generator.state, "action_rng": s.action_rng.bit_generator.state,
         "env_rng": s.env.rng_state(), "eval_env_rng": s.eval_env.rng_state(), "needs_reset": s.needs_reset,
-        "obs": None if s.obs is None or s.cfg.pixels else s.obs.tolist(), "episode_return": s.episode_return,
+        "episode_return": s.episode_return,
         "episodes": s.episodes, "row_returns": s.row_returns, "csv_rows": s.csv_rows, "diag_rows": s.diag_rows,
         "final_eval_returns": None if s.summary_eval is None else s.summary_eval.tolist(), **extra,
     }
@@ -116,10 +119,10 @@ def restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_templat
     s.action_rng.bit_generator.state = meta["action_rng"]
     s.env.set_rng_state(meta["env_rng"])
     s.eval_env.set_rng_state(meta["eval_env_rng"])
-    s.needs_reset = meta["needs_reset"]
-    if not s.needs_reset and meta["agent_step"] < s.cfg.agent_steps:  # the final checkpoint may be mid-episode
-        raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
-    s.obs = None
+    s.needs_reset, s.obs = meta["needs_reset"], None
+    if not s.needs_reset:
+        s.env.restore_episode({k[len("episode/"):]: v for k, v in arrays.items() if k.startswith("episode/")})
+        s.obs = arrays["episode_obs"]
     s.episode_return, s.episodes = meta["episode_return"], meta["episodes"]
     s.row_returns, s.csv_rows = list(meta["row_returns"]), meta["csv_rows"]
     if meta["final_eval_returns"] is not None:  # killed after the final checkpoint, before summary.json

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, loggers, rundir
+from sparserl import agents, checkpoint, envs, interrupt, loggers, rundir
 from sparserl.agents import common, stream_ac
 from sparserl.agents.common import accumulate, fresh_sums
 from sparserl.rundir import Timers
@@ -86,6 +86,7 @@ class StreamLoop:
         self.start_step, self.wall_offset, self.timers = 0, 0.0, Timers()
         self.episodes, self.episode_return, self.row_returns, self.recent = 0, 0.0, [], []
         self.csv_rows, self.steps_in_row = 0, 0
+        self.needs_reset, self.action, self.last_checkpoint = True, None, None
         if not (status == "resume" and self.resume()):
             rundir.start(cfg, self.stats)
         self.step_fn, self.begin_fn = make_step(cfg, self.env.time_limit)
@@ -98,7 +99,8 @@ class StreamLoop:
         self.next_checkpoint = (self.start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         self.bar = tqdm(total=cfg.env_steps, initial=self.start_step * cfg.action_repeat, unit="step",
                         disable=not cfg.progress, dynamic_ncols=True, desc=self.run_dir.name[:40], file=sys.stderr)
-        self.needs_reset, self.action, self.agent_step = True, None, self.start_step
+        self.agent_step = self.start_step
+        self.mid_episode = envs.saves_episodes(self.env)  # checkpoints at any step, else at episode ends
         self.t = time.perf_counter()
 
     def run(self) -> dict:
@@ -114,10 +116,11 @@ class StreamLoop:
                     self.bar.update(env_step - self.bar.n)
                 if env_step % cfg.eval_every < cfg.action_repeat or done == cfg.agent_steps:
                     self.log_row(done)
-                if self.needs_reset and env_step >= self.next_checkpoint:
+                if (self.needs_reset or self.mid_episode) and env_step >= self.next_checkpoint:
                     self.save(done)
                     self.next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                     self.t = self.timers.add("checkpoint", self.t)
+                self.stop_if_asked(done)
             self.save(cfg.agent_steps)
         except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault
             self.check_faults(jax.device_get(self.sums), jax.device_get(self.norms_fn(self.state)), self.agent_step)
@@ -125,6 +128,18 @@ class StreamLoop:
         finally:
             self.close()
         return self.write_summary()
+
+    def stop_if_asked(self, done: int) -> None:
+        """After a stop signal: checkpoint, record the stop, raise :class:`~sparserl.interrupt.Interrupted`
+        (an env that cannot save its episode midway first plays it to the end)."""
+        signum = interrupt.requested()
+        if signum is None or not (self.needs_reset or self.mid_episode):
+            return
+        if self.last_checkpoint != done:
+            self.save(done)
+        env_step = done * self.cfg.action_repeat
+        interrupt.mark(self.run_dir, signum, done, env_step)
+        raise interrupt.Interrupted(signum, env_step, [self.run_dir])
 
     def act_and_learn(self) -> None:
         """One env step with the action sampled after the previous update, then one jitted update."""
@@ -166,6 +181,8 @@ class StreamLoop:
         self.row_returns = []
         self.sums, self.steps_in_row = fresh_sums(stream_ac), 0
         self.bar.set_postfix(train_return=f"{ret:.1f}", refresh=False)
+        self.log(f"[{self.run_dir.name}] env_step {env_step}: train_return {ret:.1f} ({row['eval_episodes']} "
+                 f"episodes), {row['steps_per_s']:.0f} agent steps/s")
         self.row_start, self.row_start_step = time.perf_counter(), done
         self.t = self.timers.add("log", now)
 
@@ -193,8 +210,10 @@ class StreamLoop:
         self.episodes, self.episode_return = meta["episodes"], meta["episode_return"]
         self.row_returns, self.recent = list(meta["row_returns"]), list(meta["recent_returns"])
         self.csv_rows, self.steps_in_row = meta["csv_rows"], meta["steps_in_row"]
-        if not meta["needs_reset"] and self.start_step < cfg.agent_steps:
-            raise checkpoint.CheckpointError("checkpoint taken mid-episode cannot be resumed exactly")
+        self.needs_reset, self.last_checkpoint = meta["needs_reset"], self.start_step
+        if not self.needs_reset:  # mid-episode: the env's state and the action already sampled for it
+            self.env.restore_episode({k[len("episode/"):]: v for k, v in arrays.items() if k.startswith("episode/")})
+            self.action = jnp.asarray(arrays["episode_action"])
         rundir.truncate_csv(run_dir / "metrics.csv", self.csv_rows)
         self.state, self.sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
         self.log(f"[{run_dir.name}] resuming at env step {self.start_step * cfg.action_repeat}")
@@ -206,12 +225,16 @@ class StreamLoop:
         self.check_faults(host_sums, jax.device_get(self.norms_fn(self.state)), agent_step)  # never save a faulty state
         arrays = checkpoint.flatten_tree(self.state, "state")
         arrays.update(checkpoint.flatten_tree(host_sums, "metric_sums"))
+        if not self.needs_reset:
+            arrays.update({f"episode/{k}": v for k, v in self.env.episode_state().items()})
+            arrays["episode_action"] = np.asarray(self.action)
         meta = {"agent_step": agent_step, "env_step": agent_step * cfg.action_repeat, "env_rng": self.env.rng_state(),
                 "episodes": self.episodes, "episode_return": self.episode_return, "row_returns": self.row_returns,
                 "recent_returns": self.recent, "csv_rows": self.csv_rows, "needs_reset": self.needs_reset,
                 "steps_in_row": self.steps_in_row, "wall_time": time.perf_counter() - self.start,
                 "timers": self.timers.seconds}
         checkpoint.save(self.run_dir / "checkpoints", agent_step, arrays, meta, keep=cfg.keep_checkpoints)
+        self.last_checkpoint = agent_step
 
     def close(self) -> None:
         self.bar.close()

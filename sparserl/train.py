@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import sys
 import time
 from typing import Callable
@@ -34,7 +35,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, loggers, probe, rundir, runs, seed
+from sparserl import agents, checkpoint, envs, interrupt, loggers, probe, rundir, runs, seed
 from sparserl.agents.common import fresh_sums
 from sparserl.config import Config, ConfigError, to_yaml
 from sparserl.rundir import Timers
@@ -50,7 +51,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None):
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     loggers.check_available(cfg)
     seed_cfgs = cfg.per_seed()
-    with rundir.claimed(seed_cfgs) as statuses:
+    with rundir.claimed(seed_cfgs) as statuses, interrupt.handling():
+        for c in seed_cfgs:
+            interrupt.unmark(c.resolved_run_dir)  # this run goes on: an earlier stop is history
         try:
             if cfg.agent in agents.STREAMING:
                 from sparserl import stream
@@ -111,9 +114,6 @@ def train_replay(cfg: Config, seed_cfgs: list[Config], statuses: list[str], log:
     if len(set(statuses)) > 1:
         raise ConfigError(f"the seeds' run directories are in different states ({', '.join(statuses)}); "
                           f"resume or run the seeds separately, or pass overwrite=true")
-    if len(seed_cfgs) > 1 and cfg.env.startswith(envs.GYM_PREFIX):
-        log("warning: several seeds on a Gymnasium task checkpoint only when every seed ends an episode on the "
-            "same step, which variable-length episodes rarely do; run one seed per process for regular checkpoints")
     summaries = ReplayLoop(cfg, seed_cfgs, statuses[0], log).run()
     return summaries[0] if len(summaries) == 1 else summaries
 
@@ -145,7 +145,12 @@ class ReplayLoop:
         self.next_checkpoint = (self.start_step * cfg.action_repeat // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         self.bar = tqdm(total=cfg.env_steps, initial=self.start_step * cfg.action_repeat, unit="step",
                         disable=not cfg.progress, dynamic_ncols=True, desc=self.name[:40], file=sys.stderr)
-        self.agent_step = self.start_step
+        self.agent_step, self.last_checkpoint = self.start_step, self.start_step if status == "resume" else None
+        # checkpoints at any agent step when every env can save its episode (else at episode ends)
+        self.mid_episode = all(envs.saves_episodes(s.env) for s in self.seeds)
+        if not self.mid_episode and len(self.seeds) > 1:
+            log(f"warning: {cfg.env} cannot save an episode midway, so several seeds checkpoint only when every "
+                f"seed ends an episode on the same step; run one seed per process for regular checkpoints")
         self.row_start, self.row_start_step = time.perf_counter(), self.start_step
         self.t = time.perf_counter()  # when the phase being timed began
 
@@ -156,6 +161,7 @@ class ReplayLoop:
         cfg = self.cfg
         try:
             self.compile()
+            self.stop_if_asked(self.start_step)  # before the step-0 row, which a resume at step 0 writes
             self.row_start, self.row_start_step = time.perf_counter(), self.start_step
             if self.start_step == 0:  # a row at env step 0: the untrained policy
                 self.timers.add("log", self.evaluate_and_log(0, False, time.perf_counter()))
@@ -166,6 +172,7 @@ class ReplayLoop:
                 if agent_step >= cfg.warmup_steps and (agent_step - cfg.warmup_steps) % cfg.update_every == 0:
                     self.update(agent_step)
                 self.evaluate_diagnose_checkpoint(agent_step + 1)
+                self.stop_if_asked(agent_step + 1)
             self.save_checkpoints(cfg.agent_steps)
         except envs.EnvFault as fault:  # a NaN action, a diverging simulation: a numerical fault of that seed
             raise self.env_fault(fault) from None
@@ -245,10 +252,24 @@ class ReplayLoop:
             self.t = self.timers.add("diagnostics", self.t)
         if cfg.reset.every and env_step % cfg.reset.every < cfg.action_repeat and not is_last:
             self.reset_networks(env_step)
-        if env_step >= self.next_checkpoint and all(s.needs_reset for s in self.seeds):
+        if env_step >= self.next_checkpoint and (self.mid_episode or all(s.needs_reset for s in self.seeds)):
             self.save_checkpoints(done)
             self.next_checkpoint = (env_step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-            self.timers.add("checkpoint", self.t)
+            self.t = self.timers.add("checkpoint", self.t)
+
+    def stop_if_asked(self, done: int) -> None:
+        """After a stop signal (:mod:`sparserl.interrupt`): checkpoint after ``done`` agent steps, record
+        the stop in every run directory, raise :class:`~sparserl.interrupt.Interrupted`. An env whose
+        episode state cannot be saved first plays its episode to the end (a Gymnasium env without MuJoCo)."""
+        signum = interrupt.requested()
+        if signum is None or not (self.mid_episode or all(s.needs_reset for s in self.seeds)):
+            return
+        self.bar.set_postfix_str(f"{signal_name(signum)}: writing a checkpoint", refresh=True)
+        if self.last_checkpoint != done:
+            self.save_checkpoints(done)
+        for s in self.seeds:
+            interrupt.mark(s.run_dir, signum, done, done * self.cfg.action_repeat)
+        raise interrupt.Interrupted(signum, done * self.cfg.action_repeat, [s.run_dir for s in self.seeds])
 
     # ------------------------------------------------------------------------------------------
     # Evaluation, diagnostics, resets, videos
@@ -378,6 +399,7 @@ class ReplayLoop:
                  "updates_in_row": self.updates_in_row}
         for s, state_i, sums_i in zip(self.seeds, self.group.host_states(), host_sums):
             seed.save_seed(s, state_i, sums_i, agent_step, extra)
+        self.last_checkpoint = agent_step
 
     def check_faults(self, host_sums: list[dict], norms: list[dict], agent_step: int) -> None:
         """Stop at the first non-finite metric (its quantity and step) or parameter norm of any seed."""
@@ -418,6 +440,10 @@ class ReplayLoop:
             rundir.write_summary(s.run_dir, summary, self.log)
             summaries.append(summary)
         return summaries
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def write_diagnostics(s: Seed, env_step: int, scalars: dict, cosines: dict) -> None:
