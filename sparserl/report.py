@@ -378,7 +378,8 @@ def headline(row: dict) -> str:
     return (f"{row['label']}: sparse {row['sparsity']} IQM {s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}] vs dense "
             f"{d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}]; P(sparse > dense) = {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] "
             f"({len(row['tasks'])} task{'s' * (len(row['tasks']) > 1)}, {row['sparse_runs']} vs {row['dense_runs']} "
-            "runs per task)")
+            "runs per task" + (": one run cannot give an interval" if min(row["sparse_runs"], row["dense_runs"]) < 2
+                               else "") + ")")
 
 
 def baseline_final_scores(names: list[str], all_runs: list[Run]) -> tuple[dict[str, dict], list[str]]:
@@ -692,23 +693,47 @@ def aggregate_curve_scores(rs: list[Run]) -> tuple[np.ndarray, np.ndarray] | Non
     return np.array(steps), score_matrix(per_task)
 
 
-def plot_aggregate_curves(all_runs: list[Run], out: Path, reps: int) -> Path | None:
-    """IQM over tasks and seeds of the score at each evaluation step, per variant, with stratified-bootstrap
-    95% CI bands: the learning curves of the whole experiment in one panel."""
+def baseline_curve_scores(name: str, envs_: list[str], max_step: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A published baseline's (seeds x tasks x steps) score matrix on the given tasks, at its evaluation steps
+    that all of them share up to the runs' last step; None when it lacks one of the tasks."""
+    from sparserl import baselines
+
+    curves = {env: baselines.curve(name, env, max_step) for env in envs_}
+    if not curves or any(not steps.size or not values.size for steps, values in curves.values()):
+        return None
+    shared = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves.values())))
+    if len(shared) < 2:
+        return None
+    per_task = {env: [[score(env, v) for v in row] for row in values[:, np.isin(steps, shared)]]
+                for env, (steps, values) in curves.items()}
+    return np.array(shared), score_matrix(per_task)
+
+
+def plot_aggregate_curves(all_runs: list[Run], out: Path, reps: int, baseline_names: list[str] = ()) -> Path | None:
+    """IQM over tasks and seeds of the score at each evaluation step, per variant (and published baseline on
+    the same tasks), with stratified-bootstrap 95% CI bands: the learning curves of the experiment in one panel."""
     with_rows = [r for r in all_runs if r.evaluations()]
     curves = []
     for variant, rs in sorted(by(with_rows, lambda r: r.variant).items(), key=lambda kv: _order(kv[1])):
         found = aggregate_curve_scores(rs)
         if found is not None and found[0].size > 1:
-            curves.append((variant, rs[0].sparse, found[0], *iqm_curve(found[1], reps)))
+            curves.append((variant, "-" if rs[0].sparse else "--", found[0], *iqm_curve(found[1], reps)))
     if not curves:
         return None
+    max_step = max(int(c[2][-1]) for c in curves)
+    for name in baseline_names:
+        found = baseline_curve_scores(name, sorted({r.env for r in with_rows}), max_step)
+        if found is not None:
+            curves.append((f"baseline: {name}", ":", found[0], *iqm_curve(found[1], reps)))
     plt = runs.pyplot()
     fig, axes = _panels(1, plt, width=7.5, height=3.6)
     ax = axes[0]
-    for variant, sparse, steps, m, lo, hi in curves:
-        line, = ax.plot(steps, m, "-" if sparse else "--", label=variant)
+    for label, style, steps, m, lo, hi in curves:
+        line, = ax.plot(steps, m, style, marker="." if style == ":" else None, label=label)
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xlim(0, max_step)  # a baseline's curve runs on past the runs' budget: keep to the runs'
+    _limit_to_runs(ax, [v for c in curves if not c[0].startswith("baseline: ") for v in c[3]]
+                   + [v for c in curves if c[0].startswith("baseline: ") for v, t in zip(c[3], c[2]) if t <= max_step])
     _steps_axis(ax)
     _decorate(ax, f"IQM over {len({r.env for r in with_rows})} task(s)", "env steps",
               "IQM score (DMC: return / 1000)")
@@ -901,7 +926,7 @@ def _figures(all_runs: list[Run], out: Path, reps: int, names: list[str], baseli
         ("Scaling: final return vs total parameters", plot_scaling(all_runs, out, "total", reps)),
         ("Scaling: final return vs non-zero parameters", plot_scaling(all_runs, out, "nonzero", reps)),
         ("Sparsity sweep", plot_sparsity(all_runs, out)),
-        ("Aggregate learning curves (IQM over tasks)", plot_aggregate_curves(all_runs, out, reps)),
+        ("Aggregate learning curves (IQM over tasks)", plot_aggregate_curves(all_runs, out, reps, names)),
         ("Performance profiles", plot_profiles(all_runs, out, reps, baseline_scores)),
         ("Learning curves", plot_curves(all_runs, out, names)),
         ("Diagnostics over training", plot_diagnostics(all_runs, out)),

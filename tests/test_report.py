@@ -51,10 +51,10 @@ OTHER = np.random.default_rng(8).uniform(0.2, 1, size=(3, 4))
 
 
 def test_aggregates_are_rliables_on_fixed_data():
-    got = report.aggregates(FIXED, reps=500)
+    got = report.aggregates(FIXED, reps=200)
     for name, func in (("IQM", metrics.aggregate_iqm), ("mean", metrics.aggregate_mean),
                        ("median", metrics.aggregate_median), ("optimality gap", metrics.aggregate_optimality_gap)):
-        point, ci = _rliable({"x": FIXED}, func, 500)
+        point, ci = _rliable({"x": FIXED}, func, 200)
         assert got[name] == pytest.approx((point["x"], *np.ravel(ci["x"])), rel=1e-12), name
         assert got[name][1] <= got[name][0] <= got[name][2]
     # the definitions, written out: IQM = mean of the middle half of the 20 scores; median of task means
@@ -62,12 +62,12 @@ def test_aggregates_are_rliables_on_fixed_data():
     assert got["IQM"][0] == pytest.approx(middle.mean())
     assert got["median"][0] == pytest.approx(np.median(FIXED.mean(axis=0)))
     assert got["optimality gap"][0] == pytest.approx(1 - np.minimum(FIXED, 1).mean())
-    assert report.iqm(FIXED, reps=500) == pytest.approx(got["IQM"], rel=1e-12)
+    assert report.iqm(FIXED, reps=200) == pytest.approx(got["IQM"], rel=1e-12)
 
 
 def test_probability_of_improvement_is_rliables():
-    p, low, high = report.probability_of_improvement(FIXED, OTHER, reps=200)
-    point, ci = _rliable({"x,y": (FIXED, OTHER)}, metrics.probability_of_improvement, 200)
+    p, low, high = report.probability_of_improvement(FIXED, OTHER, reps=100)
+    point, ci = _rliable({"x,y": (FIXED, OTHER)}, metrics.probability_of_improvement, 100)
     assert (p, low, high) == pytest.approx((point["x,y"], *np.ravel(ci["x,y"])), rel=1e-12)
     # Mann-Whitney form, written out: per task the share of (x, y) pairs with x > y (ties half), averaged
     per_task = [np.mean([(a > b) + 0.5 * (a == b) for a in FIXED[:, t] for b in OTHER[:, t]]) for t in range(4)]
@@ -77,8 +77,8 @@ def test_probability_of_improvement_is_rliables():
 
 def test_iqm_curve_is_rliables_iqm_at_every_step():
     scores = np.random.default_rng(3).uniform(0, 1, size=(4, 3, 6))  # runs x tasks x steps
-    m, low, high = report.iqm_curve(scores, reps=300)
-    point, ci = _rliable({"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s[..., t]) for t in range(6)]), 300)
+    m, low, high = report.iqm_curve(scores, reps=100)
+    point, ci = _rliable({"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s[..., t]) for t in range(6)]), 100)
     assert m == pytest.approx(point["x"], rel=1e-12)
     assert low == pytest.approx(ci["x"][0], rel=1e-12) and high == pytest.approx(ci["x"][1], rel=1e-12)
 
@@ -262,7 +262,7 @@ def test_report_without_a_manifest_names_variants_by_differing_keys(tmp_path):
     (tmp_path / "b" / "seed1" / "config.yaml").write_text(config.to_yaml(cfg))
     runs_ = report.load_runs([tmp_path])
     assert sorted({r.variant for r in runs_}) == ["critic.sparsity=0.0", "critic.sparsity=0.8"]
-    out = report.write_report([tmp_path], tmp_path / "out", reps=200)
+    out = report.write_report([tmp_path], tmp_path / "out", reps=100)
     html = (out / "report.html").read_text()
     assert "2 finished" in html and "1 interrupted" in html
     assert not (out / "scaling_total.png").exists()  # one size only: no scaling plot
@@ -378,6 +378,18 @@ def test_overlay_draws_the_files_means(with_baselines):
         assert y == pytest.approx(np.mean([float(r["value"]) for r in rows if int(r["env_step"]) == x]))
     assert line.get_xdata().tolist() == [0, 50_000, 100_000] and "simba" in line.get_label()
     plt.close(fig)
+
+
+def test_aggregate_baseline_curve_holds_the_files_scores():
+    steps, scores = report.baseline_curve_scores("simba", ["dog-run", "humanoid-run"], 100_000)
+    assert steps.tolist() == [0, 50_000, 100_000] and scores.shape == (15, 2, 3)  # seeds x tasks x steps
+    rows = _shipped_rows()
+    for i, env in enumerate(["dog-run", "humanoid-run"]):
+        for j, step in enumerate(steps):
+            by_seed = {int(r["seed"]): float(r["value"]) / 1000 for r in rows if r["exp_name"] == "simba"
+                       and r["env_name"] == env and int(r["env_step"]) == step}
+            assert scores[:, i, j].tolist() == pytest.approx([by_seed[s] for s in sorted(by_seed)])
+    assert report.baseline_curve_scores("simba", ["humanoid-run", "cartpole-two_poles"], 100_000) is None
 
 
 def test_report_with_baselines_on_the_page(with_baselines, tmp_path):
