@@ -372,6 +372,15 @@ def comparison_table(all_runs: list[Run], reps: int) -> list[dict]:
     return rows
 
 
+NO_COMPARISON = ("no sparse and dense variant of the same model (agent and total parameters) among these runs: "
+                 "nothing to compare; the tables hold each variant's statistics")
+
+
+def headlines(comparisons: list[dict]) -> list[str]:
+    """The report's headline: one sentence per comparison, or the sentence saying there is none."""
+    return [headline(row) for row in comparisons] or [NO_COMPARISON]
+
+
 def headline(row: dict) -> str:
     """'sac critic 17M: sparse 0.9 IQM 0.81 [0.78, 0.84] vs dense 0.74 [0.70, 0.77]; P(sparse > dense) = ...'"""
     s, d, p = row["sparse_iqm"], row["dense_iqm"], row["p_improvement"]
@@ -864,10 +873,7 @@ def _ci(point_low_high: tuple) -> str:
 
 
 def _headline_html(c: Contents) -> str:
-    items = "".join(f"<li>{html.escape(headline(row))}</li>" for row in c.comparisons)
-    if not items:
-        items = ("<li>No sparse and dense variant of the same model (agent and parameter count) among these runs: "
-                 "nothing to compare; the tables below hold each variant's statistics.</li>")
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in headlines(c.comparisons))
     return ("<section id=\"headline\"><h2>Headline: sparse vs dense at each model size</h2><ul>" + items + "</ul>"
             "<p class=\"note\">Score = final evaluation return / 1000 (DMC). IQM and P(sparse &gt; dense) from rliable, "
             "95% stratified-bootstrap CIs over the tasks both variants ran.</p></section>")
@@ -980,6 +986,6 @@ def write_report(dirs: list[Path], out: Path | None = None, reps: int = 2000, ba
     contents = Contents("sparserl report: " + ", ".join(d.name for d in dirs), all_runs, task_table(all_runs),
                         aggregate_table(all_runs, reps, baseline_scores), comparison_table(all_runs, reps), notes,
                         _figures(all_runs, out, reps, list(baseline_names), baseline_scores))
-    (out / "headline.txt").write_text("".join(headline(row) + "\n" for row in contents.comparisons))
+    (out / "headline.txt").write_text("".join(line + "\n" for line in headlines(contents.comparisons)))
     (out / "report.html").write_text(render_html(contents))
     return out

@@ -238,6 +238,14 @@ def test_headline_compares_sparse_with_dense_at_each_size(written):
     assert (out / "headline.txt").read_text().splitlines() == [report.headline(r) for r in rows]
 
 
+def test_no_pair_no_comparison(tmp_path):
+    _fake_run(tmp_path, "a", "cartpole-balance", 0, 64, 0.0, 10.0, 5000)
+    _fake_run(tmp_path, "b", "cartpole-balance", 0, 128, 0.0, 20.0, 9000)
+    _fake_run(tmp_path, "c", "cartpole-balance", 0, 256, 0.9, 30.0, 20000)  # sparse, but no dense of its size
+    rows = report.comparison_table(report.load_runs([tmp_path]), reps=100)
+    assert rows == [] and report.headlines(rows) == [report.NO_COMPARISON]
+
+
 def test_evaluations_export_has_the_published_schema(written):
     root, finals, out = written
     with open(out / "evaluations.csv", newline="") as f:
@@ -265,6 +273,8 @@ def test_report_without_a_manifest_names_variants_by_differing_keys(tmp_path):
     out = report.write_report([tmp_path], tmp_path / "out", reps=100)
     html = (out / "report.html").read_text()
     assert "2 finished" in html and "1 interrupted" in html
+    # dense and sparse runs of one size, but two variants differ in sparsity only: one comparison
+    assert (out / "headline.txt").read_text().startswith("sac critic 4k: sparse 0.8 IQM 0.02")
     assert not (out / "scaling_total.png").exists()  # one size only: no scaling plot
 
 
