@@ -643,6 +643,10 @@ def _steps_axis(ax) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
 
 
+# Published baselines in dark neutral colours and their own markers: the colour cycle is the user's variants'.
+BASELINE_STYLES = (("black", "."), ("dimgray", "x"), ("saddlebrown", "+"), ("darkslateblue", "^"))
+
+
 def plot_baseline_overlay(ax, names: list[str], env: str, max_step: int, scale: float = 1.0) -> list[float]:
     """Each baseline's mean over seeds with a 95% t band, up to the runs' last step (dotted); the values drawn."""
     from sparserl import baselines
@@ -654,8 +658,8 @@ def plot_baseline_overlay(ax, names: list[str], env: str, max_step: int, scale: 
             continue
         stats = [mean_ci(values[:, j] / scale) for j in range(steps.size)]
         m, ci = np.array([a for a, _ in stats]), np.array([c for _, c in stats])
-        color = f"C{(i + 5) % 10}"  # away from the first colours, which the user's variants take
-        ax.plot(steps, m, ":", marker=".", color=color, label=f"baseline: {name} ({values.shape[0]} seeds)")
+        color, marker = BASELINE_STYLES[i % len(BASELINE_STYLES)]
+        ax.plot(steps, m, ":", marker=marker, color=color, label=f"baseline: {name}")
         ax.fill_between(steps, m - ci, m + ci, color=color, alpha=0.12)
         drawn += [v for v, s in zip(m, steps) if s <= max_step]
     return drawn
@@ -670,7 +674,8 @@ def plot_curves(all_runs: list[Run], out: Path, baseline_names: list[str] = ()) 
     envs_ = sorted({r.env for r in with_rows})
     fig, axes = _panels(len(envs_), plt)
     for ax, env in zip(axes, envs_):
-        for variant, rs in sorted(by([r for r in with_rows if r.env == env], lambda r: r.variant).items()):
+        for variant, rs in sorted(by([r for r in with_rows if r.env == env], lambda r: r.variant).items(),
+                                  key=lambda kv: _order(kv[1])):
             c = _curve(rs, "metrics", "eval_return")
             if c is None:
                 continue
@@ -734,11 +739,13 @@ def plot_aggregate_curves(all_runs: list[Run], out: Path, reps: int, baseline_na
         found = baseline_curve_scores(name, sorted({r.env for r in with_rows}), max_step)
         if found is not None:
             curves.append((f"baseline: {name}", ":", found[0], *iqm_curve(found[1], reps)))
+    baseline_style = dict(zip([c[0] for c in curves if c[1] == ":"], BASELINE_STYLES))
     plt = runs.pyplot()
     fig, axes = _panels(1, plt, width=7.5, height=3.6)
     ax = axes[0]
     for label, style, steps, m, lo, hi in curves:
-        line, = ax.plot(steps, m, style, marker="." if style == ":" else None, label=label)
+        color, marker = baseline_style.get(label, (None, None))
+        line, = ax.plot(steps, m, style, marker=marker, color=color, label=label)
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlim(0, max_step)  # a baseline's curve runs on past the runs' budget: keep to the runs'
     _limit_to_runs(ax, [v for c in curves if not c[0].startswith("baseline: ") for v in c[3]]
@@ -767,9 +774,10 @@ def plot_profiles(all_runs: list[Run], out: Path, reps: int, baseline_scores: di
     fig, axes = _panels(1, plt, width=7.5, height=3.6)
     ax = axes[0]
     sparse = {r.variant: r.sparse for r in done}
+    baseline_style = dict(zip([k for k in score_dict if k.startswith("baseline: ")], BASELINE_STYLES))
     for key in score_dict:
-        style = ":" if key.startswith("baseline: ") else "-" if sparse.get(key) else "--"
-        line, = ax.plot(taus, profiles[key], style, label=key)
+        color, _ = baseline_style.get(key, (None, None))
+        line, = ax.plot(taus, profiles[key], ":" if color else "-" if sparse.get(key) else "--", color=color, label=key)
         ax.fill_between(taus, cis[key][0], cis[key][1], color=line.get_color(), alpha=0.15)
     ax.set_ylim(-0.02, 1.02)
     _decorate(ax, "performance profile (final scores)", "score τ (DMC: return / 1000)", "fraction of runs > τ")
