@@ -240,16 +240,21 @@ def cmd_sweep(ns) -> int:
         raise ConfigError(f"--device-gflops={ns.device_gflops}: must be a positive number of GFLOP/s")
     if (ns.bench or ns.device_gflops is not None) and not ns.dry_run:
         raise ConfigError(f"{'--bench' if ns.bench else '--device-gflops'}: only used with --dry-run")
+    if opts["slurm_options"] and opts["executor"] != "slurm":
+        raise ConfigError(f"{sorted(opts['slurm_options'])[0]}: only used with executor=slurm")
     if ns.dry_run:
         rate = sweep.rate_from_bench(ns.bench) if ns.bench else ns.device_gflops
         sweep.dry_run(grid, rate)
+        if opts["executor"] == "slurm":
+            sweep.dry_run_slurm(grid, Path(opts["sweep_dir"]), opts)
         return 0
     from sparserl import loggers
 
     for point in grid.points:  # e.g. log.wandb=true without credentials: refused here, not in every run's log
         loggers.check_available(point.config(point.seeds[0], Path(opts["sweep_dir"])))
     result = sweep.execute(grid, Path(opts["sweep_dir"]), opts["executor"], opts["workers"], opts["group_seeds"],
-                           opts["retry_failed"], opts["address"], opts["cpus_per_run"], opts["gpus_per_run"])
+                           opts["retry_failed"], opts["address"], opts["cpus_per_run"], opts["gpus_per_run"],
+                           slurm_options=opts["slurm_options"])
     print(f"report: sparserl report {opts['sweep_dir']}")
     return 1 if result["failed"] else 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sparserl import agents, checkpoint, runs
+from sparserl import agents, checkpoint, provenance, runs
 from sparserl.config import Config, ConfigError, flatten, to_yaml
 
 BASE_COLUMNS = ("env_step", "agent_step", "episodes", "train_return", "eval_return", "eval_return_std",
@@ -179,6 +179,7 @@ def start(cfg: Config, stats: dict) -> None:
     (run_dir / "model.json").write_text(json.dumps(stats, indent=1))
     with open(run_dir / "metrics.csv", "w", newline="") as f:
         csv.writer(f).writerow(metric_columns(cfg))
+    provenance.record(run_dir, "start")
 
 
 def fmt(x) -> str:

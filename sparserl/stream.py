@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, interrupt, loggers, rundir
+from sparserl import agents, checkpoint, envs, interrupt, loggers, provenance, rundir
 from sparserl.agents import common, stream_ac
 from sparserl.agents.common import accumulate, fresh_sums
 from sparserl.rundir import Timers
@@ -217,6 +217,7 @@ class StreamLoop:
         rundir.truncate_csv(run_dir / "metrics.csv", self.csv_rows)
         self.state, self.sums = jax.tree_util.tree_map(jnp.asarray, (state, sums))
         self.log(f"[{run_dir.name}] resuming at env step {self.start_step * cfg.action_repeat}")
+        provenance.record(run_dir, "resume")
         return True
 
     def save(self, agent_step: int) -> None:

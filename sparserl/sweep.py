@@ -48,20 +48,27 @@ from sparserl import backend, config, runs
 from sparserl.config import ConfigError
 
 SCALES = ("full", "small", "smoke")
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "slurm")
 PRESET_DIR = config.PRESET_DIR / "experiments"  # bundled experiment presets (package data)
 
 # Keys of the sweep itself (everything else on the command line is a config key for every run).
 SWEEP_KEYS = {
     "scale": "full (paper scale), small (about an hour on a 2-core CPU) or smoke (about a minute)",
-    "executor": "local (a process pool on this machine) or ray",
+    "executor": "local (a process pool on this machine), ray, or slurm (one job array; see docs/cluster.md)",
     "address": "Ray cluster address for executor=ray: local (start one here), auto, or ray://host:port",
     "workers": "local executor: runs at once (auto: CPU cores, or 1 with a GPU)",
     "group_seeds": "auto|true|false: train a point's seeds in one process (vmapped on GPU; auto = with a GPU)",
-    "cpus_per_run": "Ray: CPUs each run declares (default 1)",
-    "gpus_per_run": "Ray: GPUs each run declares (default 0; e.g. 1 or 0.25 to share one)",
+    "cpus_per_run": "Ray and Slurm: CPUs each run declares (default 1)",
+    "gpus_per_run": "GPUs each run gets (default 0; below 1, e.g. 0.25, runs share a GPU: JAX's memory is capped to the share)",
     "sweep_dir": "where runs go (default runs/sweeps/<preset>-<scale>)",
     "retry_failed": "true: start runs that stopped on a numerical fault over (default false)",
+    "slurm.partition": "executor=slurm: partition (default: the cluster's default)",
+    "slurm.account": "executor=slurm: account to charge (default: yours)",
+    "slurm.time": "executor=slurm: time limit per job in minutes (default 1440); longer runs requeue and resume",
+    "slurm.mem_gb": "executor=slurm: memory per job in GB (default 8)",
+    "slurm.parallelism": "executor=slurm: array tasks running at once (default 64)",
+    "slurm.signal_lead": "executor=slurm: seconds before the time limit that Slurm signals a checkpoint (default 180)",
+    "slurm.sbatch": "executor=slurm: extra sbatch options, e.g. \"--qos=high --constraint=a100\"",
 }
 
 
@@ -294,6 +301,23 @@ def dry_run(sweep: Sweep, rate_gflops: float | None, out: Callable[[str], None] 
     return rows
 
 
+def dry_run_slurm(sweep: Sweep, sweep_dir: Path, opts: dict, out: Callable[[str], None] = print) -> list[Job]:
+    """What ``executor=slurm`` would submit now: the array's sbatch options and each task's command
+    (runs already finished, failed or queued are left out, as the real submission would)."""
+    from sparserl import slurm
+
+    params = slurm.parameters(slurm.parse(opts["slurm_options"]), opts["cpus_per_run"], opts["gpus_per_run"])
+    sweep_dir = sweep_dir.resolve()
+    ids = slurm.read_job_ids(sweep_dir)
+    live = slurm.live_jobs(sorted(set(ids.values()))) if ids else {}
+    queued = frozenset(run for run, job_id in ids.items() if job_id in live)
+    jobs, _ = plan(sweep, sweep_dir, bool(opts["group_seeds"]), opts["retry_failed"], queued)
+    out(slurm.describe(params, len(jobs)))
+    for i, job in enumerate(jobs):
+        out(f"  task {i}: {' '.join(job.command(sweep_dir))}  > {job.log}")
+    return jobs
+
+
 def rate_from_bench(path: str | Path) -> float:
     """The achieved update GFLOP/s of a ``make bench`` JSON (mean over its model sizes)."""
     try:
@@ -345,18 +369,22 @@ def has_gpu() -> bool:
         importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins"))
 
 
-def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -> tuple[list[Job], dict[str, list[str]]]:
-    """Jobs to run, and the runs skipped (finished / failed / running elsewhere), by status."""
+def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool,
+         queued: frozenset[str] = frozenset()) -> tuple[list[Job], dict[str, list[str]]]:
+    """Jobs to run, and the runs skipped (finished / failed / running elsewhere / ``queued``: a
+    scheduler still holds their job), by status."""
     from sparserl import rundir
 
-    jobs, skipped = [], {"finished": [], "failed": [], "running": []}
+    jobs, skipped = [], {"finished": [], "failed": [], "running": [], "queued": []}
     for p in sweep.points:
         todo: dict[str, list[int]] = {}  # by status: seeds trained together must all start or all resume
         fresh = []
         for s in p.seeds:
             run_dir = p.run_dir(sweep_dir, s)
             status = runs.run_status(run_dir) if (run_dir / "config.yaml").is_file() else "new"
-            if status in ("finished", "running") or (status == "failed" and not retry_failed):
+            if f"{p.name}/seed{s}" in queued and status != "finished":
+                status = "queued"
+            if status in ("finished", "running", "queued") or (status == "failed" and not retry_failed):
                 skipped[status].append(f"{p.name}/seed{s}")
                 continue
             if status == "failed":
@@ -372,10 +400,15 @@ def plan(sweep: Sweep, sweep_dir: Path, group_seeds: bool, retry_failed: bool) -
     return jobs, skipped
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(executor: str, gpus_per_run: float) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MUJOCO_GL", "egl")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs may share one GPU
+    env["SPARSERL_EXECUTOR"] = executor  # recorded in each run's provenance.json
+    if 0 < gpus_per_run < 1:
+        # runs side by side on one GPU: each may grow to its share (with headroom for CUDA's own use),
+        # never to JAX's default 75% that would starve the others
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.95 * gpus_per_run:.3f}"
     return backend.child_env(env)
 
 
@@ -398,74 +431,134 @@ def _final_return(sweep_dir: Path, job: Job) -> str:
     return ", ".join(f"{v:.1f}" for v in values) if values else "?"
 
 
+class Progress:
+    """The sweep's outcome so far: printed as runs end and kept in ``sweep_status.json`` (rewritten
+    atomically at every change, so a look at it mid-sweep is current)."""
+
+    def __init__(self, sweep_dir: Path, skipped: list[str], total_jobs: int, out: Callable[[str], None]):
+        self.sweep_dir, self.total_jobs, self.out = sweep_dir, total_jobs, out
+        self.result: dict[str, list[str]] = {"finished": [], "failed": [], "interrupted": [], "skipped": skipped}
+        self.failed_logs: dict[str, str] = {}
+        self.slurm_jobs: dict[str, str] = {}  # run -> Slurm job id, with the job's last seen state
+        self.started = time.perf_counter()
+        self.path = sweep_dir / "sweep_status.json"
+
+    def record(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        data = {**self.result, "failed_logs": self.failed_logs}
+        if self.slurm_jobs:
+            data["slurm_jobs"] = self.slurm_jobs
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.path)
+
+    def finish(self, job: Job, code: int, done: int) -> None:
+        from sparserl import interrupt
+
+        names = [f"{job.point.name}/seed{s}" for s in job.seeds]
+        elapsed = time.perf_counter() - self.started
+        if code == 0:
+            self.result["finished"] += names
+            self.out(f"[{done}/{self.total_jobs}] finished {job.label}: final_return "
+                     f"{_final_return(self.sweep_dir, job)} ({elapsed:.0f} s into the sweep)")
+        elif code == interrupt.EXIT_INTERRUPTED:  # stopped by a signal with a checkpoint: resumable
+            self.result["interrupted"] += names
+            self.out(f"[{done}/{self.total_jobs}] interrupted {job.label} (checkpoint written; rerun the sweep "
+                     f"to resume); log: {job.log}")
+        else:
+            self.result["failed"] += names
+            for n in names:
+                self.failed_logs[n] = str(job.log)
+            self.out(f"[{done}/{self.total_jobs}] FAILED {job.label} (exit {code}); log: {job.log}")
+        self.record()
+
+    def summary(self) -> None:
+        r = self.result
+        self.out(f"sweep done: {len(r['finished'])} finished, {len(r['failed'])} failed, {len(r['interrupted'])} "
+                 f"interrupted, {len(r['skipped'])} skipped ({time.perf_counter() - self.started:.0f} s); "
+                 f"status: {self.path}")
+        for name, log in self.failed_logs.items():
+            self.out(f"  failed: {name} — log: {log}")
+
+
 def execute(sweep: Sweep, sweep_dir: Path, executor: str = "local", workers: int | None = None,
             group_seeds: bool | None = None, retry_failed: bool = False, address: str = "local",
             cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
-            out: Callable[[str], None] = print) -> dict[str, list[str]]:
-    """Run every unfinished run of ``sweep`` under ``sweep_dir``; returns finished/failed/skipped lists."""
+            out: Callable[[str], None] = print, slurm_options: dict | None = None) -> dict[str, list[str]]:
+    """Run every unfinished run of ``sweep`` under ``sweep_dir``; returns finished/failed/interrupted/
+    skipped lists."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
     gpu = has_gpu()
     group_seeds = gpu if group_seeds is None else group_seeds
     from sparserl import preflight
 
     preflight.check_output_dir(sweep_dir, "sweep_dir")  # before anything is written
     sweep_dir = sweep_dir.resolve()
-    jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed)  # refuses occupied run dirs, writes nothing
+    slurm_params, queued = None, frozenset()
+    if executor == "slurm":
+        from sparserl import slurm
+
+        slurm_params = slurm.parameters(slurm.parse(slurm_options or {}), cpus_per_run, gpus_per_run)
+        ids = slurm.read_job_ids(sweep_dir)
+        live = slurm.live_jobs(sorted(set(ids.values())))
+        queued = frozenset(run for run, job_id in ids.items() if job_id in live)
+    jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed, queued)  # refuses occupied run dirs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep, sweep_dir)
-    result: dict[str, list[str]] = {"finished": [], "failed": [], "skipped": [n for names in skipped.values() for n in names]}
-    status_path = sweep_dir / "sweep_status.json"
-
-    def record() -> None:
-        tmp = status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**result, "failed_logs": failed_logs}, indent=1))
-        tmp.replace(status_path)
-
-    failed_logs: dict[str, str] = {}
+    progress = Progress(sweep_dir, [n for names in skipped.values() for n in names], len(jobs), out)
     for status, names in skipped.items():
         if names:
             out(f"skipping {len(names)} {status} run(s)" + (" (retry_failed=true starts them over)" if status == "failed" else ""))
     if not jobs:
-        out(f"nothing to run: all {sweep.num_runs} runs of {sweep_dir} are finished, failed or running")
-        record()
-        return result
-    env = _child_env()
-    started = time.perf_counter()
+        out(f"nothing to run: all {sweep.num_runs} runs of {sweep_dir} are finished, failed, running or queued")
+        progress.record()
+        return progress.result
+    env = _child_env(executor, gpus_per_run)
     out(f"{len(jobs)} process(es) for {sum(len(j.seeds) for j in jobs)} run(s) under {sweep_dir} "
         f"(executor={executor}); logs in {sweep_dir / 'logs'}")
-
-    def finish(job: Job, code: int, done: int) -> None:
-        names = [f"{job.point.name}/seed{s}" for s in job.seeds]
-        elapsed = time.perf_counter() - started
-        if code == 0:
-            result["finished"] += names
-            out(f"[{done}/{len(jobs)}] finished {job.label}: final_return {_final_return(sweep_dir, job)} "
-                f"({elapsed:.0f} s into the sweep)")
-        else:
-            result["failed"] += names
-            for n in names:
-                failed_logs[n] = str(job.log)
-            out(f"[{done}/{len(jobs)}] FAILED {job.label} (exit {code}); log: {job.log}")
-        record()
-
     for job in jobs:
         spec = sweep_dir / job.point.name / "point.yaml"
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(yaml.safe_dump(job.point.values, sort_keys=False))
     if executor == "local":
-        n = workers or (1 if gpu else max(1, os.cpu_count() or 1))
+        n = workers or (max(1, int(1 / gpus_per_run)) if gpu and 0 < gpus_per_run < 1 else 1 if gpu
+                        else max(1, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, len(jobs))) as pool:
             futures = {pool.submit(run_job, j.command(sweep_dir), str(j.log), env): j for j in jobs}
             for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-                finish(futures[fut], fut.result(), done)
+                progress.finish(futures[fut], fut.result(), done)
     elif executor == "ray":
-        _execute_ray(jobs, sweep_dir, env, address, cpus_per_run, gpus_per_run, finish)
+        _execute_ray(jobs, sweep_dir, env, address, cpus_per_run, gpus_per_run, progress.finish)
     else:
-        raise ConfigError(f"executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
-    out(f"sweep done: {len(result['finished'])} finished, {len(result['failed'])} failed, "
-        f"{len(result['skipped'])} skipped ({time.perf_counter() - started:.0f} s); status: {status_path}")
-    for name, log in failed_logs.items():
-        out(f"  failed: {name} — log: {log}")
-    return result
+        _execute_slurm(jobs, sweep_dir, env, slurm_params, progress)
+    progress.summary()
+    return progress.result
+
+
+def _execute_slurm(jobs: list[Job], sweep_dir: Path, env: dict[str, str], params: dict, progress: Progress) -> None:
+    """One job array (see :mod:`sparserl.slurm`); waits for it, keeping ``sweep_status.json`` current
+    (each run's job id and state). If this process is stopped, the jobs go on: rerunning the sweep
+    command skips the runs whose jobs are still queued or running."""
+    from sparserl import slurm
+
+    submitted = slurm.submit(jobs, [j.command(sweep_dir) for j in jobs], [str(j.log) for j in jobs], env,
+                             sweep_dir / "slurm", params)
+    ids = slurm.read_job_ids(sweep_dir)
+    for sub, job in zip(submitted, jobs):
+        for s in job.seeds:
+            ids[f"{job.point.name}/seed{s}"] = sub.job_id
+    slurm.write_job_ids(sweep_dir, ids)
+    progress.out(f"submitted job array {submitted[0].job_id.split('_')[0]} ({len(submitted)} tasks); "
+                 f"submitit logs in {sweep_dir / 'slurm'}")
+
+    def on_poll(states: dict[str, str]) -> None:
+        label = {sub.job_id: job.label for sub, job in zip(submitted, jobs)}
+        seen = {label[i]: f"{i} {state}" for i, state in states.items()}
+        if seen != {k: v for k, v in progress.slurm_jobs.items() if k in seen}:
+            progress.slurm_jobs.update(seen)
+            progress.record()
+
+    slurm.wait(submitted, jobs, progress.finish, on_poll)
 
 
 def _execute_ray(jobs: list[Job], sweep_dir: Path, env: dict[str, str], address: str,
@@ -552,5 +645,6 @@ def parse_options(options: dict[str, str], preset: str) -> dict[str, Any]:
         "cpus_per_run": number("cpus_per_run", 1.0),
         "gpus_per_run": number("gpus_per_run", 0.0),
         "retry_failed": choice("retry_failed", ("true", "false"), "false") == "true",
+        "slurm_options": {k: v for k, v in options.items() if k.startswith("slurm.")},
         "sweep_dir": Path(options.get("sweep_dir") or Path("runs") / "sweeps" / f"{Path(preset).stem}-{scale}"),
     }

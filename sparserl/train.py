@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparserl import agents, checkpoint, envs, interrupt, loggers, probe, rundir, runs, seed
+from sparserl import agents, checkpoint, envs, interrupt, loggers, probe, provenance, rundir, runs, seed
 from sparserl.agents.common import fresh_sums
 from sparserl.config import Config, ConfigError, to_yaml
 from sparserl.rundir import Timers
@@ -373,6 +373,8 @@ class ReplayLoop:
                 self.start_step, self.wall_offset = meta["agent_step"], meta["wall_time"]
                 self.timers, self.updates_in_row = Timers(meta["timers"]), meta["updates_in_row"]
                 self.log(f"[{self.seeds[0].run_dir.name}] resuming at env step {self.start_step * self.cfg.action_repeat}")
+                for s in self.seeds:
+                    provenance.record(s.run_dir, "resume")
                 return [r[0] for r in restored], [r[1] for r in restored]
         for c, st in zip(self.seed_cfgs, self.stats):
             rundir.start(c, st)

@@ -362,4 +362,4 @@ def test_command_restarts_once_with_huge_page_malloc_unless_disabled():
     assert run({"SPARSERL_HUGE_PAGES": "0"}) == ["start", "None"]
     assert run({"GLIBC_TUNABLES": "glibc.malloc.check=0"}) == ["start", "glibc.malloc.check=0"]  # never overridden
     from sparserl import hugepages, sweep
-    assert sweep._child_env()["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES", hugepages.TUNABLE)
+    assert sweep._child_env("local", 0.0)["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES", hugepages.TUNABLE)
