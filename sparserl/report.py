@@ -207,6 +207,11 @@ class Run:
         return int(critic["total_params"]) if critic else None
 
     @property
+    def critic_nonzero(self) -> int | None:
+        critic = (self.summary or {}).get("params", {}).get("critic")
+        return int(critic["nonzero_params"]) if critic else None
+
+    @property
     def final_step(self) -> int:
         """Env steps the run trained for (its summary's, else its config's budget)."""
         return int((self.summary or {}).get("env_steps") or self.cfg.get("env_steps") or 0)
@@ -335,9 +340,13 @@ def _sparsity_text(r: Run) -> str:
     return f"{sp['critic']:g}" if list(sp) == ["critic"] else ", ".join(f"{m} {v:g}" for m, v in sp.items())
 
 
+EQUAL_NONZERO_TOLERANCE = 0.15  # a dense critic within 15% of a sparse critic's non-zeros counts as "equal"
+
+
 def comparison_pairs(all_runs: list[Run]) -> list[tuple[str, list[Run], list[Run]]]:
-    """(label, sparse runs, dense runs) for each sparse variant and each dense variant of the same model
-    (same agent and total parameters): the paper's question at that size."""
+    """(label, sparse runs, dense runs): each sparse variant against each dense variant of the same model (same
+    agent and total parameters), the paper's question at that size; then against each dense variant of the
+    same agent whose critic has as many weights as the sparse critic keeps (the equal non-zero question)."""
     pairs = []
     done = [r for r in all_runs if r.summary]
     for (agent, _), rs in sorted(by(done, lambda r: (r.cfg.get("agent"), r.total_params)).items(),
@@ -352,6 +361,24 @@ def comparison_pairs(all_runs: list[Run]) -> list[tuple[str, list[Run], list[Run
                 size = human(sg[0].critic_params or sg[0].total_params)
                 label = f"{agent} critic {size}" + (f" ({sv} vs {dv})" if ambiguous else "")
                 pairs.append((label, sg, dg))
+    return pairs + _equal_nonzero_pairs(done)
+
+
+def _equal_nonzero_pairs(done: list[Run]) -> list[tuple[str, list[Run], list[Run]]]:
+    pairs = []
+    variants = sorted(by(done, lambda r: r.variant).items(), key=lambda kv: _order(kv[1]))
+    for sv, sg in variants:
+        s = sg[0]
+        if not s.sparse or not s.critic_nonzero:
+            continue
+        for dv, dg in variants:
+            d = dg[0]
+            if d.sparse or not d.critic_params or d.cfg.get("agent") != s.cfg.get("agent") \
+                    or d.critic_params == s.critic_params:  # same size: compared above
+                continue
+            if abs(d.critic_params - s.critic_nonzero) <= EQUAL_NONZERO_TOLERANCE * s.critic_nonzero:
+                pairs.append((f"{s.cfg.get('agent')} critic {human(s.critic_params)} sparse vs critic "
+                              f"{human(d.critic_params)} dense (equal non-zeros)", sg, dg))
     return pairs
 
 

@@ -246,6 +246,19 @@ def test_no_pair_no_comparison(tmp_path):
     assert rows == [] and report.headlines(rows) == [report.NO_COMPARISON]
 
 
+def test_equal_nonzero_comparison(tmp_path):
+    # the sparse critic of 110,000 weights keeps 10,100 (the fake's actor has 1,000 dense weights); a dense critic
+    # of 10,500 weights matches it (within 15%), one of 20,000 does not
+    for seed in range(2):
+        _fake_run(tmp_path, "sparse", "cartpole-balance", seed, 512, 0.9, 300.0 + seed, 111_000)
+        _fake_run(tmp_path, "dense-small", "cartpole-balance", seed, 32, 0.0, 200.0 + seed, 11_500)
+        _fake_run(tmp_path, "dense-mid", "cartpole-balance", seed, 64, 0.0, 250.0 + seed, 21_000)
+    rows = report.comparison_table(report.load_runs([tmp_path]), reps=100)
+    assert [r["label"] for r in rows] == ["sac critic 110k sparse vs critic 10.5k dense (equal non-zeros)"]
+    assert rows[0]["sparse_iqm"][0] == pytest.approx(0.3005) and rows[0]["dense_iqm"][0] == pytest.approx(0.2005)
+    assert rows[0]["p_improvement"] == (1.0, 1.0, 1.0)
+
+
 def test_evaluations_export_has_the_published_schema(written):
     root, finals, out = written
     with open(out / "evaluations.csv", newline="") as f:
