@@ -65,6 +65,12 @@ class SparsityConfig:
     draw: str = _opt("exact", choices=("exact", "bernoulli"),
                      doc="exact: each tensor keeps round((1-s)n) weights; bernoulli: i.i.d. draws (paper's code)")
     seed: int | None = _opt(None, low=0, doc="mask seed; default derived from `seed` (separate from init)")
+    # Default masked: sparse compute equals masked only to float rounding, so making it the default would
+    # change the numbers of every existing sparse preset; auto's model is measured on one CPU kind.
+    compute: str = _opt("masked", choices=("masked", "sparse", "auto"),
+                        doc="pruned kernels' products: masked (dense matmul of the masked kernel), sparse (C++ kernel "
+                            "over kept weights only; CPU), auto (sparse where it pays, masked on GPU/TPU); "
+                            "docs/sparse_compute.md")
 
 
 @dataclass(frozen=True)

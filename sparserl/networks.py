@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparserl import backend
+from sparserl import backend, sparse_kernel, sparsity
 
 _orthogonal = jax.nn.initializers.orthogonal
 _he_normal = jax.nn.initializers.he_normal()
@@ -33,7 +33,10 @@ def init_dense(key, in_dim: int, out_dim: int, kernel_init=None) -> dict:
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:
-    """``x @ kernel + bias``; the kernel gradient's form is the backend's ``matmul_grad``."""
+    """``x @ kernel + bias``; the kernel gradient's form is the backend's ``matmul_grad``. A kernel
+    bound by :func:`sparserl.sparsity.bind` (a ``SparseKernel``) multiplies its kept weights only."""
+    if isinstance(p["kernel"], sparsity.SparseKernel):
+        return sparse_kernel.matmul(p["kernel"].values, p["kernel"].layout, x) + p["bias"]
     if backend.current().matmul_grad == "tiled_transpose":
         return _matmul_tiled(x, p["kernel"]) + p["bias"]
     return _matmul_plain(x, p["kernel"]) + p["bias"]

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from sparserl import sparse_kernel
 
 PyTree = Any
 _MASK_STREAM = 0x5A_5E  # separates the mask RNG stream from the init stream of the same seed
@@ -198,3 +200,80 @@ def stats(params: PyTree, mask: PyTree) -> dict[str, Any]:
                        "nonzero": nonzero, "sparsity": 1.0 - nonzero / size})
     return {"total_params": total, "nonzero_params": kept,
             "sparsity": 1.0 - kept / total if total else 0.0, "layers": layers}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse compute (``sparsity.compute``): which pruned kernels multiply with the kept weights only
+#
+# The parameters stay masked-dense in every mode (pruned entries exactly 0): checkpoints, diagnostics
+# and dynamic topologies see one format. A module also carries the :class:`sparse_kernel.Layout` of
+# each pruned 2-D kernel (:func:`layouts`, part of the agent state: stacked over seeds, checkpointed,
+# in every mode so that checkpoints are interchangeable between modes). :func:`bind` then hands the
+# networks a :class:`SparseKernel` — the kept values, gathered from the dense kernel, and the layout —
+# for each kernel the mode computes sparsely; autodiff through that gather returns the dense kernel's
+# gradient with the kept entries filled in, so the masked optimizer step is unchanged.
+
+COMPUTE_MODES = ("masked", "sparse", "auto")
+# ``auto``'s model (2-core AVX2 CPU, sparserl/csrc/sparse_matmul.cc vs XLA's dense matmul, batch 256,
+# fwd+bwd): the sparse kernel runs at ~1/4 of the dense matmul's FLOP rate per kept weight and pays a
+# fixed cost per call (FFI dispatch, transposes), so it wins where the kept fraction is well below 1/4
+# and the kernel is large enough; measured break-even near density 0.25-0.3 on 512-4096 wide layers.
+AUTO_MAX_DENSITY = 0.2
+AUTO_MIN_SIZE = 1 << 16  # in*out below this: masked (a dense product of this size takes microseconds)
+
+
+class SparseKernel(NamedTuple):
+    """A pruned (in, out) kernel as its kept values (layout order) and their layout."""
+    values: jax.Array
+    layout: sparse_kernel.Layout
+
+
+def _kept(m) -> int:
+    try:
+        return int(np.asarray(m).sum())
+    except jax.errors.ConcretizationTypeError:
+        return int(np.prod(m.shape))  # an abstract mask (jax.eval_shape): the largest layout, an upper bound
+
+
+def layouts(params: PyTree, mask: PyTree) -> PyTree:
+    """A :class:`sparse_kernel.Layout` for each pruned 2-D kernel (mask leaf a 2-D boolean array), None
+    for every other leaf (dense tensors, convolution kernels). Pure function of the mask; a mask that
+    changes with its per-tensor count kept (dynamic sparsity) is re-laid out by calling it again."""
+    def one(x, m):
+        if jnp.ndim(m) == 2 and jnp.ndim(x) == 2:
+            return sparse_kernel.layout(m, _kept(m))
+        return None
+    return jax.tree_util.tree_map(one, params, mask)
+
+
+def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
+    """Whether ``compute`` multiplies a kernel of ``shape`` keeping ``nnz`` weights sparsely (static:
+    decided at trace time from shapes). ``auto``: only on CPU with the kernel built, and only where
+    the model above predicts a gain — so never slower than masked by that model."""
+    if compute == "masked":
+        return False
+    reason = sparse_kernel.unavailable_reason()
+    if reason is not None:
+        if compute == "sparse" and jax.default_backend() == "cpu":
+            sparse_kernel.warn_fallback(reason)
+        return False
+    if compute == "sparse":
+        return True
+    size = int(np.prod(shape))
+    return size >= AUTO_MIN_SIZE and nnz <= AUTO_MAX_DENSITY * size
+
+
+def bind(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:
+    """``params`` with each kernel that ``compute`` multiplies sparsely replaced by a
+    :class:`SparseKernel` (what :func:`sparserl.networks.dense` computes with). Differentiable in
+    ``params``: the gradient of a bound kernel is dense, non-zero at kept positions only."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"sparsity.compute={compute!r}: must be one of {', '.join(COMPUTE_MODES)}")
+    if layout_tree is None or compute == "masked":
+        return params
+
+    def one(x, lay):
+        if lay is None or not sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute):
+            return x
+        return SparseKernel(sparse_kernel.compact(x, lay), lay)
+    return jax.tree_util.tree_map(one, params, layout_tree, is_leaf=lambda t: t is None)

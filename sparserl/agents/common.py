@@ -24,6 +24,7 @@ class Module(NamedTuple):
     opt_state: Any
     mask: Any
     tracking: Any = None  # a dynamic topology's topology.Tracking (None: a static mask)
+    layout: Any = None  # sparsity.layouts(params, mask): where pruned 2-D kernels keep their weights
 
 
 class Batch(NamedTuple):
@@ -54,7 +55,13 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
     params = sparsity.apply_mask(params, mask)
     tx = make_optimizer(mask) if make_optimizer else optimizer(cfg, mask)
     tracking = topology.init_tracking(mask) if topology.method(cfg, name) != "static" else None
-    return Module(params, tx.init(params), mask, tracking)
+    return Module(params, tx.init(params), mask, tracking, sparsity.layouts(params, mask))
+
+
+def bind(cfg: Config, params, module: Module):
+    """``params`` (the module's own, or a copy such as the target critic or the argument of a loss being
+    differentiated) as the networks compute with them under ``sparsity.compute``."""
+    return sparsity.bind(params, module.layout, cfg.sparsity.compute)
 
 
 def global_norm(tree) -> jax.Array:

@@ -182,8 +182,9 @@ def critic_loss_fn(enc_params, critic_params, obs, action, target_q):
 
 
 def td_targets(state: DrQv2State, next_features, reward, discount, std, key, cfg: Config) -> jax.Array:
-    next_action = _noisy(mean_action(state.actor.params, next_features), std, key, cfg.drqv2.std_clip)
-    next_q = q_values(state.target, next_features, next_action).min(0)
+    actor_params = common.bind(cfg, state.actor.params, state.actor)
+    next_action = _noisy(mean_action(actor_params, next_features), std, key, cfg.drqv2.std_clip)
+    next_q = q_values(common.bind(cfg, state.target, state.critic), next_features, next_action).min(0)
     return jax.lax.stop_gradient(reward + discount * next_q)
 
 
@@ -202,14 +203,15 @@ def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
     next_features = jax.lax.stop_gradient(networks.conv_encoder(state.encoder.params, next_obs))
     target_q = td_targets(state, next_features, batch.reward, batch.discount, std, k_target, cfg)
     (critic_loss, (q_mean, features)), (enc_grads, critic_grads) = jax.value_and_grad(
-        critic_loss_fn, argnums=(0, 1), has_aux=True)(state.encoder.params, state.critic.params, obs,
-                                                      batch.action, target_q)
+        lambda e, c: critic_loss_fn(e, common.bind(cfg, c, state.critic), obs, batch.action, target_q),
+        argnums=(0, 1), has_aux=True)(state.encoder.params, state.critic.params)
     encoder, encoder_grad_norm = common.step_module(cfg, state.encoder, enc_grads)
     critic, critic_grad_norm = common.step_module(cfg, state.critic, critic_grads)
 
     features = jax.lax.stop_gradient(features)
     actor_loss, actor_grads = jax.value_and_grad(
-        lambda p: actor_losses(p, critic.params, features, std, k_actor, cfg).mean())(state.actor.params)
+        lambda p: actor_losses(common.bind(cfg, p, state.actor), common.bind(cfg, critic.params, critic), features,
+                               std, k_actor, cfg).mean())(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
     target = common.polyak(state.target, critic.params, cfg.tau)
 

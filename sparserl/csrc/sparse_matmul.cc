@@ -1,0 +1,321 @@
+// Sparse x dense products for sparserl's `sparsity.compute=sparse`, registered with XLA:CPU via jax.ffi.
+//
+// A pruned kernel W (in=I, out=O) keeps K weights. Its layout (built in JAX from the boolean mask, see
+// sparserl/sparse_kernel.py) holds the kept positions twice, as ordinary int32 arrays:
+//   by output column (CSC): col_ptr (O+1), rows (K)            -- the order of the compact values
+//   by input row (CSR):     row_ptr (I+1), cols (K), perm (K)  -- perm[k]: CSC position of CSR entry k
+// Three products, each touching only the K kept weights:
+//   forward   y  = x @ W        y^T[j,:]  = sum_{k in col j} v[k] * x^T[rows[k],:]
+//   input     dx = g @ W^T      dx^T[i,:] = sum_{k in row i} v[perm[k]] * g^T[cols[k],:]
+//   weight    dv[k] = <x^T[rows[k],:], g^T[j,:]>  (the kernel gradient at kept positions only)
+// Activations arrive (B, I) row-major; each call transposes them once into a scratch buffer so that
+// the inner loops run along the batch axis: an AXPY of a contiguous batch row into accumulators that
+// stay in vector registers (the gather form needs no atomics: every output row has one owner thread).
+// Batch 1 (streaming) takes scalar loops instead. Work is split over XLA's intra-op thread pool.
+//
+// Every operand may carry leading "group" axes (vmap over seeds with vmap_method="expand_dims"): an
+// operand's group count is its size over its core size, and must be 1 (shared) or G (the largest).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 8 lanes: one AVX2 register (the benchmark machine has AVX2, no AVX-512); GCC splits or joins
+// these generic vectors for other targets.
+typedef float vec __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kBlock = 16;  // output rows (columns of y) per work unit
+
+// ---------------------------------------------------------------------------------------------
+// Threads: units are claimed from an atomic counter by the caller and by helpers scheduled on XLA's
+// pool. The caller works too and then waits only for claimed units, so a helper that starts late
+// finds nothing to do (its shared state outlives the call) and a busy pool cannot deadlock us.
+
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::function<void(int64_t)> fn;
+};
+
+void RunUnits(Job& job) {
+  for (;;) {
+    int64_t unit = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (unit >= job.total) return;
+    job.fn(unit);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Below this many multiply-adds a call runs on the calling thread alone: waking a helper costs more
+// (streaming's batch-1 products are ~10^5).
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, F&& fn, int64_t work = kMinParallelWork) {
+  if (total <= 0) return;
+  if (work < kMinParallelWork) {
+    for (int64_t unit = 0; unit < total; ++unit) fn(unit);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->total = total;
+  job->fn = [&fn](int64_t unit) { fn(unit); };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { RunUnits(*job); });
+  RunUnits(*job);
+  while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes
+
+struct Groups {
+  int64_t count = 1;
+  bool ok = true;
+  // The group index of an operand with `n` groups for overall group g.
+  static int64_t Of(int64_t n, int64_t g) { return n == 1 ? 0 : g; }
+};
+
+int64_t GroupsOf(const ffi::AnyBuffer& buf, int64_t core_rank) {
+  auto dims = buf.dimensions();
+  int64_t n = 1;
+  for (size_t d = 0; d + core_rank < dims.size(); ++d) n *= dims[d];
+  return n;
+}
+
+int64_t Dim(const ffi::AnyBuffer& buf, int64_t from_end) {
+  auto dims = buf.dimensions();
+  return dims[dims.size() - from_end];
+}
+
+bool Broadcastable(std::initializer_list<int64_t> counts, int64_t* total) {
+  *total = 1;
+  for (int64_t n : counts) *total = std::max(*total, n);
+  for (int64_t n : counts)
+    if (n != 1 && n != *total) return false;
+  return true;
+}
+
+// Scratch reused across calls by the same thread (a fresh multi-MB allocation per call would fault
+// its pages in every time).
+float* Scratch(int slot, int64_t floats) {
+  thread_local std::vector<float> buffers[2];
+  auto& buf = buffers[slot];
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
+  return buf.data();
+}
+
+constexpr int64_t kChunk = 8 * kLanes;  // batch columns per pass: 8 accumulator registers
+
+int64_t PaddedBatch(int64_t batch) {
+  if (batch >= kChunk) return (batch + kChunk - 1) / kChunk * kChunk;
+  int64_t p = kLanes;
+  while (p < batch) p *= 2;
+  return p;
+}
+
+int64_t ChunkOf(int64_t padded) { return std::min<int64_t>(padded, kChunk); }
+
+// a (rows, cols) row-major -> out (cols, padded) row-major, zero-padded along the batch (rows) axis.
+void TransposeInto(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols, int64_t padded,
+                   float* out) {
+  constexpr int64_t kTile = 32;
+  int64_t col_tiles = (cols + kTile - 1) / kTile;
+  ParallelFor(pool, col_tiles, [&](int64_t t) {
+    int64_t c0 = t * kTile, c1 = std::min(cols, c0 + kTile);
+    for (int64_t r0 = 0; r0 < padded; r0 += kTile) {
+      int64_t r1 = std::min(padded, r0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * padded + r] = r < rows ? a[r * cols + c] : 0.0f;
+    }
+  }, rows * cols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gather product shared by forward and input gradient:
+//   out[b, u] = sum_{k in ptr[u]..ptr[u+1]} value(k) * srcT[idx[k], b]   for u < units, b < batch
+// srcT is (sources, padded); `value(k)` reads the weight of entry k (direct, or through perm).
+
+template <int64_t NV, typename Value>
+void GatherBlock(const float* srcT, int64_t padded, int64_t batch, const int32_t* ptr, const int32_t* idx,
+                 Value value, int64_t u0, int64_t u1, float* out, int64_t out_cols) {
+  constexpr int64_t chunk = NV * kLanes;
+  alignas(64) float tile[kBlock][chunk];
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    for (int64_t u = u0; u < u1; ++u) {
+      vec acc[NV];  // stays in registers: every index is a constant after unrolling, no address taken
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) acc[v] = vec{};
+      for (int32_t k = ptr[u]; k < ptr[u + 1]; ++k) {
+        const float w = value(k);
+        const vec* row = reinterpret_cast<const vec*>(srcT + static_cast<int64_t>(idx[k]) * padded + b0);
+#pragma GCC unroll 8
+        for (int64_t v = 0; v < NV; ++v) acc[v] += w * row[v];
+      }
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) *reinterpret_cast<vec*>(&tile[u - u0][v * kLanes]) = acc[v];
+    }
+    int64_t rows = std::min(chunk, batch - b0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t u = u0; u < u1; ++u) out[(b0 + r) * out_cols + u] = tile[u - u0][r];
+  }
+}
+
+template <typename Value>
+void GatherScalar(const float* src, const int32_t* ptr, const int32_t* idx, Value value, int64_t u0,
+                  int64_t u1, float* out) {
+  for (int64_t u = u0; u < u1; ++u) {
+    float a0 = 0, a1 = 0;
+    int32_t k = ptr[u], end = ptr[u + 1];
+    for (; k + 1 < end; k += 2) {
+      a0 += value(k) * src[idx[k]];
+      a1 += value(k + 1) * src[idx[k + 1]];
+    }
+    if (k < end) a0 += value(k) * src[idx[k]];
+    out[u] = a0 + a1;
+  }
+}
+
+template <typename Value>
+void Gather(ffi::ThreadPool& pool, const float* srcT, int64_t padded, int64_t batch, const int32_t* ptr,
+            const int32_t* idx, Value value, int64_t units, float* out) {
+  int64_t blocks = (units + kBlock - 1) / kBlock;
+  int64_t chunk = ChunkOf(padded);
+  ParallelFor(pool, blocks, [&](int64_t blk) {
+    int64_t u0 = blk * kBlock, u1 = std::min(units, u0 + kBlock);
+    if (batch == 1) return GatherScalar(srcT, ptr, idx, value, u0, u1, out);
+    switch (chunk) {
+      case 8: return GatherBlock<1>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
+      case 16: return GatherBlock<2>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
+      case 32: return GatherBlock<4>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
+      default: return GatherBlock<8>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
+    }
+  }, static_cast<int64_t>(ptr[units]) * padded);
+}
+
+// Transposed activations: batch 1 needs none (a single row is its own transpose).
+const float* BatchMinor(ffi::ThreadPool& pool, int slot, const float* a, int64_t batch, int64_t cols,
+                        int64_t padded) {
+  if (batch == 1) return a;
+  float* out = Scratch(slot, cols * padded);
+  TransposeInto(pool, a, batch, cols, padded, out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
+                   ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  const int64_t batch = Dim(x, 2), in = Dim(x, 1), out = Dim(*y, 1), nnz = Dim(values, 1);
+  int64_t gv = GroupsOf(values, 1), gp = GroupsOf(col_ptr, 1), gr = GroupsOf(rows, 1), gx = GroupsOf(x, 2), g;
+  if (!Broadcastable({gv, gp, gr, gx}, &g) || GroupsOf(*y, 2) != g)
+    return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
+  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch);
+  for (int64_t i = 0; i < g; ++i) {
+    const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
+    const int32_t* p = col_ptr.typed_data<int32_t>() + Groups::Of(gp, i) * (out + 1);
+    const int32_t* r = rows.typed_data<int32_t>() + Groups::Of(gr, i) * nnz;
+    const float* xT = BatchMinor(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
+    Gather(pool, xT, padded, batch, p, r, [v](int32_t k) { return v[k]; }, out,
+           y->typed_data<float>() + i * batch * out);
+  }
+  return ffi::Error::Success();
+}
+
+// dv[k] for the entries of column block [j0, j1): dot products along the batch.
+void WeightGradBlock(const float* xT, const float* gT, int64_t padded, const int32_t* col_ptr,
+                     const int32_t* rows, int64_t j0, int64_t j1, float* dv) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* gj = gT + j * padded;
+    for (int32_t k = col_ptr[j]; k < col_ptr[j + 1]; ++k) {
+      const float* xi = xT + static_cast<int64_t>(rows[k]) * padded;
+      if (padded == 1) {
+        dv[k] = xi[0] * gj[0];
+        continue;
+      }
+      vec acc[4] = {};
+      int64_t b = 0;
+      for (; b + 4 * kLanes <= padded; b += 4 * kLanes)
+#pragma GCC unroll 4
+        for (int64_t v = 0; v < 4; ++v)
+          acc[v] += *reinterpret_cast<const vec*>(xi + b + v * kLanes) *
+                    *reinterpret_cast<const vec*>(gj + b + v * kLanes);
+      for (; b < padded; b += kLanes)
+        acc[0] += *reinterpret_cast<const vec*>(xi + b) * *reinterpret_cast<const vec*>(gj + b);
+      vec s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      float total = 0;
+      for (int64_t l = 0; l < kLanes; ++l) total += s[l];
+      dv[k] = total;
+    }
+  }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
+                    ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer x,
+                    ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dv) {
+  const int64_t batch = Dim(x, 2), in = Dim(x, 1), out = Dim(gy, 1), nnz = Dim(values, 1);
+  int64_t gv = GroupsOf(values, 1), gcp = GroupsOf(col_ptr, 1), gr = GroupsOf(rows, 1);
+  int64_t grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gpm = GroupsOf(perm, 1);
+  int64_t gx = GroupsOf(x, 2), gg = GroupsOf(gy, 2), g;
+  if (!Broadcastable({gv, gcp, gr, grp, gc, gpm, gx, gg}, &g) || GroupsOf(*dx, 2) != g || GroupsOf(*dv, 1) != g)
+    return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
+  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch);
+  for (int64_t i = 0; i < g; ++i) {
+    const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
+    const int32_t* cp = col_ptr.typed_data<int32_t>() + Groups::Of(gcp, i) * (out + 1);
+    const int32_t* r = rows.typed_data<int32_t>() + Groups::Of(gr, i) * nnz;
+    const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
+    const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
+    const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
+    const float* xT = BatchMinor(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
+    const float* gT = BatchMinor(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
+    Gather(pool, gT, padded, batch, rp, c, [v, pm](int32_t k) { return v[pm[k]]; }, in,
+           dx->typed_data<float>() + i * batch * in);
+    float* dvi = dv->typed_data<float>() + i * nnz;
+    int64_t blocks = (out + kBlock - 1) / kBlock;
+    ParallelFor(pool, blocks, [&](int64_t blk) {
+      WeightGradBlock(xT, gT, padded, cp, r, blk * kBlock, std::min(out, (blk + 1) * kBlock), dvi);
+    }, nnz * padded);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlSparseMatmulForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // values (..., K) float32, CSC order
+                                  .Arg<ffi::AnyBuffer>()  // col_ptr (..., O+1) int32
+                                  .Arg<ffi::AnyBuffer>()  // rows (..., K) int32
+                                  .Arg<ffi::AnyBuffer>()  // x (..., B, I) float32
+                                  .Ret<ffi::AnyBuffer>()  // y (..., B, O) float32
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlSparseMatmulBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // values (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // col_ptr (..., O+1)
+                                  .Arg<ffi::AnyBuffer>()  // rows (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // row_ptr (..., I+1)
+                                  .Arg<ffi::AnyBuffer>()  // cols (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // perm (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // x (..., B, I)
+                                  .Arg<ffi::AnyBuffer>()  // g (..., B, O)
+                                  .Ret<ffi::AnyBuffer>()  // dx (..., B, I)
+                                  .Ret<ffi::AnyBuffer>()  // dvalues (..., K)
+);
