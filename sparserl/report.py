@@ -337,7 +337,7 @@ def aggregate_table(all_runs: list[Run], reps: int, baseline_scores: dict[str, d
 def _sparsity_text(r: Run) -> str:
     sp = {k.split(".")[0]: float(v) for k, v in sorted(r.cfg.items())
           if k.endswith(".sparsity") and v is not None and float(v) > 0}
-    return f"{sp['critic']:g}" if list(sp) == ["critic"] else ", ".join(f"{m} {v:g}" for m, v in sp.items())
+    return f"{sp['critic']:g}" if list(sp) == ["critic"] else "(" + ", ".join(f"{m} {v:g}" for m, v in sp.items()) + ")"
 
 
 EQUAL_NONZERO_TOLERANCE = 0.15  # a dense critic within 15% of a sparse critic's non-zeros counts as "equal"
