@@ -19,13 +19,14 @@ both are in the agent state. The dense gradient RigL needs is computed only at t
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sparserl import sparsity
+from sparserl import sparse_kernel, sparsity
 from sparserl.config import Config
 
 MODULES = ("encoder", "actor", "critic")  # the module sections that have a ``topology`` key
@@ -152,7 +153,22 @@ def rewire_module(module, grow_scores, fraction):
     t = module.tracking
     tracking = Tracking(jax.tree_util.tree_map(jnp.logical_or, t.ever_active, mask),
                         replaced / jnp.maximum(kept, 1), t.updates + 1)
-    return module._replace(params=params, opt_state=opt_state, mask=mask, tracking=tracking)
+    return module._replace(params=params, opt_state=opt_state, mask=mask, tracking=tracking,
+                           layout=relayout(module.layout, mask))
+
+
+def relayout(layout_tree, mask):
+    """The sparse-compute layout of each pruned kernel (:func:`sparsity.layouts`) rebuilt for its new
+    mask. A topology update keeps every tensor's kept count, so each layout keeps its shapes (its
+    count is read from the old layout: under ``jit`` the new mask's count cannot be)."""
+    if layout_tree is None:
+        return None
+
+    def one(lay, m):
+        return None if lay is None else sparse_kernel.layout(m, lay.rows.shape[-1])
+
+    is_leaf = lambda t: t is None or isinstance(t, sparse_kernel.Layout)  # noqa: E731
+    return jax.tree_util.tree_map(one, layout_tree, mask, is_leaf=is_leaf)
 
 
 def init_tracking(mask) -> Tracking:
@@ -174,8 +190,10 @@ def seed_key(cfg: Config) -> jax.Array:
 
 def dense_grads(agent, state, batch, stats, key, cfg: Config) -> dict:
     """``{module: dense gradient}`` of the actor's and the critic's losses on ``batch`` (the mean of the
-    agent's per-example losses, ``diagnostic_losses``): gradients at pruned positions included."""
-    actor_fn, critic_fn, examples = agent.diagnostic_losses(state, batch, stats, key, cfg)
+    agent's per-example losses, ``diagnostic_losses``): gradients at pruned positions included, so
+    computed masked-dense whatever ``sparsity.compute`` (a sparse product has no gradient there)."""
+    masked = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, compute="masked"))
+    actor_fn, critic_fn, examples = agent.diagnostic_losses(state, batch, stats, key, masked)
 
     def grad(fn, params):
         return jax.grad(lambda p: jax.vmap(fn, in_axes=(None, 0))(p, examples).mean())(params)

@@ -32,7 +32,12 @@ def random_batches(key, k: int, n: int) -> common.Batch:
 
 
 STATS = common.ObsStats(jnp.zeros(OBS), jnp.ones(OBS))
-sac_update = jax.jit(sac.update, static_argnums=3)
+
+
+@pytest.fixture(scope="module")
+def initial():
+    """The initial SAC state of :func:`small_cfg` on the host (shared: an eager init takes a while)."""
+    return jax.device_get(sac.init(small_cfg(), OBS, ACT))
 
 
 def sparse_masks(module) -> dict:
@@ -64,11 +69,11 @@ def test_rewire_tensor_replaces_at_most_the_pruned_count_and_breaks_ties_by_inde
     assert int(none) == 0 and bool((same == m).all())
 
 
-def test_rewire_module_keeps_density_zeroes_pruned_weights_and_grown_moments():
+def test_rewire_module_keeps_density_zeroes_pruned_weights_and_grown_moments(initial):
     cfg = small_cfg()
-    state = sac.init(cfg, OBS, ACT)
-    state, _ = sac_update(state, random_batches(jax.random.PRNGKey(1), 2, 16), STATS, cfg)  # non-zero moments
-    critic = state.critic
+    critic = initial.critic
+    grads = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), critic.params)
+    critic, _ = jax.jit(common.step_module, static_argnums=0)(cfg, critic, grads)  # dense grads: non-zero moments
     scores = jax.tree_util.tree_map(lambda x: jax.random.uniform(jax.random.PRNGKey(2), x.shape), critic.params)
     new = jax.jit(topology.rewire_module)(critic, scores, 0.5)
     old_masks, new_masks = sparse_masks(critic), sparse_masks(new)
@@ -92,14 +97,18 @@ def test_rewire_module_keeps_density_zeroes_pruned_weights_and_grown_moments():
     assert all(e.sum() == m_old.sum() + (m_new & ~m_old).sum()
                for e, m_old, m_new in zip(ever, old_masks.values(), new_masks.values()))
     assert int(new.tracking.updates) == 1
+    # sparse compute's layouts follow the new mask: equal to those built from it afresh
+    fresh = sparsity.layouts(new.params, new.mask)
+    assert jax.tree_util.tree_leaves(fresh)
+    for a, b in zip(jax.tree_util.tree_leaves(new.layout), jax.tree_util.tree_leaves(fresh)):
+        np.testing.assert_array_equal(a, b)
     assert float(new.tracking.replaced) == pytest.approx(
         sum((new_masks[k] & ~old_masks[k]).sum() for k in old_masks) / sum(m.sum() for m in old_masks.values()))
 
 
-def test_rigl_grows_where_the_dense_gradient_is_largest_and_the_target_follows():
+def test_rigl_grows_where_the_dense_gradient_is_largest_and_the_target_follows(initial):
     cfg = small_cfg()
-    state = sac.init(cfg, OBS, ACT)
-    state, _ = sac_update(state, random_batches(jax.random.PRNGKey(1), 2, 16), STATS, cfg)
+    state = initial
     batch = jax.tree_util.tree_map(lambda x: x[0], random_batches(jax.random.PRNGKey(3), 1, 16))
     key = topology.seed_key(cfg)
     grads = jax.jit(lambda st: topology.dense_grads(sac, st, batch, STATS, jax.random.fold_in(key, 8), cfg))(state)
@@ -139,11 +148,12 @@ def test_schedule_cosine_decay_due_steps_and_stop():
 # Through training: SeedGroup updates and topology updates
 
 
-def train_group(cfg, calls: int, seed_cfgs=None, vmapped=False):
+def train_group(cfg, calls: int, seed_cfgs=None, vmapped=False, states=None):
     """A SeedGroup of real SAC states updated ``calls`` times from agent step warmup; the masks and
     targets after each call, and whether a topology update was due."""
     seed_cfgs = seed_cfgs or [cfg]
-    group = SeedGroup(sac, cfg, seed_cfgs, [sac.init(c, OBS, ACT) for c in seed_cfgs], vmapped)
+    states = states or [sac.init(c, OBS, ACT) for c in seed_cfgs]
+    group = SeedGroup(sac, cfg, seed_cfgs, states, vmapped)
     history = []
     for i in range(calls):
         step = cfg.warmup_steps + i
@@ -155,15 +165,14 @@ def train_group(cfg, calls: int, seed_cfgs=None, vmapped=False):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(initial):
     """One SeedGroup trained for 12 update calls (5 topology updates), and its history."""
-    return train_group(small_cfg(), 12)
+    return train_group(small_cfg(), 12, states=[initial])
 
 
-def test_masks_change_only_at_topology_steps_and_pruned_weights_stay_zero(trained):
-    cfg = small_cfg()
+def test_masks_change_only_at_topology_steps_and_pruned_weights_stay_zero(trained, initial):
     _, history = trained
-    previous = sac.init(cfg, OBS, ACT)
+    previous = initial
     changes = []
     for due, state in history:
         for name in ("actor", "critic"):
@@ -182,12 +191,12 @@ def test_masks_change_only_at_topology_steps_and_pruned_weights_stay_zero(traine
     assert int(history[-1][1].critic.tracking.updates) == sum(due for due, _ in history)
 
 
-def test_state_checkpoint_roundtrip_resumes_identically(trained):
+def test_state_checkpoint_roundtrip_resumes_identically(trained, initial):
     """Masks, ever-active trees and counters are agent state: a checkpointed state continues exactly."""
     cfg = small_cfg()
     group, _ = trained
     arrays = checkpoint.flatten_tree(jax.device_get(group.state(0)), "state")
-    restored = checkpoint.unflatten_like(sac.init(cfg, OBS, ACT), arrays, "state")
+    restored = checkpoint.unflatten_like(initial, arrays, "state")
     assert "state/critic/tracking/ever_active/q0/encoder/embed/kernel" in arrays
     other = SeedGroup(sac, cfg, [cfg], [restored], False)
     for i in range(12, 16):
