@@ -231,7 +231,7 @@ class SparseKernel(NamedTuple):
 def _kept(m) -> int:
     try:
         return int(np.asarray(m).sum())
-    except jax.errors.ConcretizationTypeError:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # jax.eval_shape, jit
         return int(np.prod(m.shape))  # an abstract mask (jax.eval_shape): the largest layout, an upper bound
 
 
