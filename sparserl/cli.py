@@ -72,6 +72,7 @@ SWEEP_EPILOG = textwrap.dedent("""\
       sparserl sweep scaling_sac scale=smoke                    # about a minute, then: sparserl report runs/sweeps/scaling_sac-smoke
       sparserl sweep sparsity_sweep scale=small seeds=0,1,2 env=[cartpole-swingup,cartpole-balance]
       sparserl sweep my_grid.yaml executor=ray address=auto gpus_per_run=0.5
+      sparserl sweep scaling_sac executor=slurm slurm.partition=gpu gpus_per_run=1 slurm.time=720   # a Slurm job array
 
     sweep options (everything else is a config key applied to every run; naming an axis replaces it):
     """) + "\n".join(f"      {k:<13} {v}" for k, v in SWEEP_KEYS.items()) + textwrap.dedent("""
