@@ -7,6 +7,8 @@
   learning after warm-up: ``agent_steps_per_s``, the FLOP-limited rate
   ``matmul_gflops / (flops_per_update * utd)``, their ratio, and the share of wall time per phase;
 * ``seeds``: the vmapped update over 1, 2, 4, 8 stacked seeds: seed-updates per second;
+* ``topology``: per critic width (512), SET and RigL on actor and critic at sparsity 0.9: seconds of
+  one topology update vs one update call, and the overhead at the default ``topology.every``;
 * ``streaming``: Stream AC(λ) (bundled preset ``stream_ac``, 2 hidden layers) per width (128, 1024):
   ``updates_per_s`` of the jitted per-step call alone (one transition, ObGD on actor and critic,
   next action), its FLOPs, and ``agent_steps_per_s`` of the real streaming loop on gym:Hopper-v5
@@ -42,6 +44,7 @@ import numpy as np
 from sparserl import agents, config, inspection, train
 from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
+from sparserl.seedgroup import SeedGroup
 
 OBS_DIM, ACTION_DIM = 67, 21  # humanoid
 
@@ -90,6 +93,36 @@ def update_benchmark(width: int, utd: int, seconds: float) -> dict:
     return {"critic_width": width, "total_params": int(sum(x.size for x in jax.tree_util.tree_leaves(
         (state.actor.params, state.critic.params)))), "flops_per_update": flops,
             "updates_per_s": updates_per_s, "achieved_gflops": updates_per_s * flops / 1e9}
+
+
+def topology_benchmark(width: int, utd: int, seconds: float) -> dict:
+    """Dynamic topology (sparserl.topology): per method (SET, RigL on actor and critic, sparsity 0.9),
+    the seconds of one topology update against one update call of ``utd`` gradient steps, both as
+    the SeedGroup runs them (jitted, state donated), and the overhead that adds at the default
+    ``topology.every``: ``rewire_seconds / (every / utd * call_seconds)``."""
+    stats = ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
+    out = {"critic_width": width, "utd": utd, "sparsity": 0.9}
+    for method in ("set", "rigl"):
+        cfg = config.build({"critic.width": width, "utd": utd, "actor.sparsity": 0.9, "critic.sparsity": 0.9,
+                            "actor.topology": method, "critic.topology": method}, check_env=False)
+        agent = agents.get(cfg.agent)
+        group = SeedGroup(agent, cfg, [cfg], [agent.init(cfg, OBS_DIM, ACTION_DIM)], vmapped=False)
+        batches, step = random_batches((utd, cfg.batch_size)), jnp.int32(cfg.warmup_steps)
+        batch = jax.tree_util.tree_map(lambda x: x[-1], batches)
+
+        def learn():
+            group.states[0], group.sums[0] = group.learn_fn(group.states[0], group.sums[0], batches, stats, step)
+            jax.block_until_ready(group.sums[0])
+
+        def rewire():
+            group.states[0] = group.rewire_fn(group.states[0], batch, stats, group.topology_keys[0], jnp.int32(1))
+            jax.block_until_ready(group.states[0])
+
+        call_s, rewire_s = 1.0 / timed(learn, seconds), 1.0 / timed(rewire, seconds)
+        out[method] = {"update_call_seconds": call_s, "topology_update_seconds": rewire_s,
+                       "ratio_to_update_call": rewire_s / call_s, "every": cfg.topology.every,
+                       "overhead_at_every": rewire_s / (cfg.topology.every / utd * call_s)}
+    return out
 
 
 def end_to_end(learn_seconds: float, update_rate: float) -> dict:
@@ -225,6 +258,8 @@ def main() -> None:
     parser.add_argument("--utd", type=int, default=2, help="gradient steps per jitted call")
     parser.add_argument("--learn-seconds", type=float, default=60.0, help="end-to-end learning time (0: skip)")
     parser.add_argument("--seed-counts", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--topology-widths", type=int, nargs="*", default=[512],
+                        help="critic widths of the topology-update benchmark (none: skip)")
     parser.add_argument("--stream-widths", type=int, nargs="*", default=[128, 1024],
                         help="Stream AC(λ) widths to time (none: skip)")
     parser.add_argument("--stream-steps", type=int, default=6000, help="env steps of each streaming loop run")
@@ -277,6 +312,20 @@ def main() -> None:
               f"= {e2e['ratio_to_flop_limited']:.2f} x FLOP-limited {e2e['flop_limited_agent_steps_per_s']:.2f}; {shares}")
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    if args.topology_widths:
+        print("dynamic topology (SET, RigL on actor and critic at sparsity 0.9): one topology update vs one update call")
+        results["topology"] = []
+        for width in args.topology_widths:
+            r = topology_benchmark(width, args.utd, args.seconds)
+            results["topology"].append(r)
+            for method in ("set", "rigl"):
+                m = r[method]
+                print(f"  critic {width} {method:<4}: {m['topology_update_seconds'] * 1e3:.1f} ms = "
+                      f"{m['ratio_to_update_call']:.1f} x an update call ({m['update_call_seconds'] * 1e3:.1f} ms, "
+                      f"utd {args.utd}); every {m['every']} gradient steps: {m['overhead_at_every']:.2%} overhead",
+                      flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     if args.seed_counts:
         print("vmapped seeds (default SAC):")
         results["seeds"] = seed_scaling(args.seed_counts, args.seconds)
