@@ -98,6 +98,11 @@ class SeedGroup:
             policy_args = (agents.policy_params(self.states[0]), obs[0], stats[0], self.keys[0])
         for deterministic in (False, True):
             self.policy.lower(*policy_args, 0, deterministic).compile()
+        if topology.dynamic_modules(self.cfg):  # the topology update too, else its first call compiles it
+            last = [jax.tree_util.tree_map(lambda x: x[-1], b) for b in batches]
+            rewire_args = ((self.states, stack(last), stack(stats), self.topology_keys) if self.vmapped
+                           else (self.states[0], last[0], stats[0], self.topology_keys[0]))
+            self.rewire_fn.lower(*rewire_args, step).compile()
 
     def learn(self, batches: list, stats: list[ObsStats], step: int) -> None:
         rewire = topology.due(self.cfg, step)
