@@ -21,7 +21,10 @@
   ``matmul_gflops``; and ``conv_shape_matmul_gflops``, a bare matmul of the conv layers' own shape
   (the ceiling of any patches-and-matmul convolution);
 * ``pixels``: rendering frames/s of a pixel env (default and ``render.fast``) and DrQ-v2 agent
-  steps/s of a small configuration in the real train loop.
+  steps/s of a small configuration in the real train loop;
+* ``checkpoint_write``: per preset (default humanoid-run, the 109M sparse model), the bytes and
+  seconds of one checkpoint with a full replay buffer -- with one agent step, the lead time a
+  graceful stop on a scheduler's signal needs (docs/cluster.md).
 
     python benchmarks/bench.py --out bench.json [--widths 512 1024 2048] [--seconds 5] [--learn-seconds 60]
                                [--stream-widths 128 1024] [--stream-steps 6000] [--no-pixels | --only-pixels]
@@ -250,6 +253,39 @@ def pixel_benchmark(seconds: float, env_steps: int = 600) -> dict:
                       "learning_agent_steps_per_s": float(rows[-1]["steps_per_s"])}}
 
 
+def checkpoint_benchmark(presets: list[str], repeats: int = 2) -> list[dict]:
+    """Seconds to write one training checkpoint (agent state, optimizer moments, target, masks, and a
+    *full* replay buffer: the worst case) to the current directory's disk, per preset. With one agent
+    step, this is the lead time a graceful stop needs (Slurm: ``--signal=USR2@<lead>``)."""
+    from sparserl import checkpoint, replay
+
+    out = []
+    for preset in presets:
+        cfg = config.from_args(str(config.PRESET_DIR / f"{preset}.yaml"), [])
+        agent = agents.get(cfg.agent)
+        abstract = jax.eval_shape(lambda: agent.init(cfg, OBS_DIM, ACTION_DIM))
+        state = jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype), abstract)
+        buffer = replay.for_config(cfg, OBS_DIM, ACTION_DIM)
+        buffer.size = buffer.capacity  # full: every transition is written
+        arrays = checkpoint.flatten_tree(state, "state")
+        arrays.update({f"buffer/{k}": v for k, v in buffer.checkpoint_arrays().items()})
+        nbytes = sum(a.nbytes for a in arrays.values())
+        seconds = []
+        with tempfile.TemporaryDirectory(dir=".") as d:
+            for i in range(repeats):
+                t = time.perf_counter()
+                checkpoint.save(Path(d), i, arrays, {"bench": True}, keep=1)
+                seconds.append(time.perf_counter() - t)
+        r = {"preset": preset, "bytes": nbytes, "state_bytes": sum(a.nbytes for k, a in arrays.items()
+                                                                      if k.startswith("state")),
+             "seconds": min(seconds), "mb_per_s": nbytes / 1e6 / min(seconds)}
+        print(f"  {preset}: {nbytes / 1e9:.2f} GB (agent state {r['state_bytes'] / 1e9:.2f} GB) in "
+              f"{r['seconds']:.1f} s = {r['mb_per_s']:.0f} MB/s", flush=True)
+        out.append(r)
+        del state, buffer, arrays
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
@@ -263,6 +299,8 @@ def main() -> None:
     parser.add_argument("--stream-widths", type=int, nargs="*", default=[128, 1024],
                         help="Stream AC(λ) widths to time (none: skip)")
     parser.add_argument("--stream-steps", type=int, default=6000, help="env steps of each streaming loop run")
+    parser.add_argument("--checkpoint-presets", nargs="*", default=["humanoid_run", "humanoid_run_109m_sparse"],
+                        help="presets whose checkpoint write time is measured (none: skip)")
     parser.add_argument("--no-pixels", action="store_true", help="skip the encoder and pixel benchmarks")
     parser.add_argument("--only-pixels", action="store_true", help="only the matmul, encoder and pixel benchmarks")
     args = parser.parse_args()
@@ -340,6 +378,9 @@ def main() -> None:
                   f"(loop with env)", flush=True)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+    if args.checkpoint_presets:
+        print("checkpoint writes (full replay buffer):")
+        results["checkpoint_write"] = checkpoint_benchmark(args.checkpoint_presets)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")

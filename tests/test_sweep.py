@@ -1,9 +1,7 @@
 """Experiment presets and sweeps: grid expansion and naming, dry-run sizes, skip/resume, failures,
 the local and Ray executors (end to end on tiny runs)."""
 
-import csv
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +137,10 @@ def test_dry_run_prints_sizes_before_anything_runs(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["scalng_sac"], "did you mean scaling_sac"),
     (["scaling_sac", "scale=huge"], "scale='huge'"),
-    (["scaling_sac", "executor=slurm"], "executor='slurm'"),
+    (["scaling_sac", "executor=pbs"], "executor='pbs'"),
+    (["scaling_sac", "slurm.time=60"], "only used with executor=slurm"),
+    (["scaling_sac", "executor=slurm", "slurm.time=0"], "slurm.time='0'"),
+    (["scaling_sac", "executor=slurm", "gpus_per_run=0.5"], "Slurm allocates whole GPUs"),
     (["scaling_sac", "workers=0"], "workers='0'"),
 ])
 def test_sweep_cli_errors_exit_2_with_one_line(args, match):
@@ -221,19 +222,3 @@ def test_seeds_of_a_point_can_share_one_process(tmp_path):
     assert "seeds=0,1" in cmd and f"run_dir={tmp_path / 'sw' / 'default'}" in cmd
     jobs, _ = sweep.plan(s, tmp_path / "sw", group_seeds=False, retry_failed=False)
     assert [j.seeds for j in jobs] == [(0,), (1,)]
-
-
-def test_demo_ends_with_a_report(tmp_path, capsys):
-    from sparserl import demo
-
-    out = demo.run(["env_steps=1000", "warmup_steps=100", "eval_every=1000", "final_eval_episodes=1",
-                    f"sweep_dir={tmp_path / 'demo'}"])
-    assert out == tmp_path / "demo" / "report"
-    html = (out / "report.html").read_text()
-    for png in re.findall(r'<img src="([^"]+)"', html):
-        assert (out / png).stat().st_size > 1000
-    assert "scaling_total.png" in html and "curves.png" in html
-    rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert len(rows) == 4 and {r["sparsity"] for r in rows} == {"dense", "sparse"}
-    assert all(r["status"] == "finished" and int(r["env_steps"]) == 1000 for r in rows)
-    assert "open the report" in capsys.readouterr().out
