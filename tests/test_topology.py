@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparserl import checkpoint, config, sparsity, topology, train
+from sparserl import checkpoint, config, networks, sparsity, topology, train
 from sparserl.agents import common, sac
 from sparserl.seedgroup import SeedGroup
 
@@ -126,6 +126,26 @@ def test_rigl_grows_where_the_dense_gradient_is_largest_and_the_target_follows(i
         assert np.all(target[~m_new] == 0)  # dropped weights leave the target too
         kept = m_old & m_new
         np.testing.assert_array_equal(target[kept], np.asarray(dict(sparsity.named_leaves(state.target))[name])[kept])
+
+
+def test_sparse_compute_multiplies_with_the_rewired_masks(initial):
+    """sparsity.compute=sparse reads and trains the kept weights through each kernel's layout: after a
+    topology update the layouts must follow the new masks, or grown weights would get no gradient (the
+    forward alone cannot tell: grown weights start at 0, dropped ones are 0)."""
+    cfg = small_cfg(**{"sparsity.compute": "sparse"})
+    batch = jax.tree_util.tree_map(lambda x: x[0], random_batches(jax.random.PRNGKey(4), 1, 16))
+    new = jax.jit(lambda st: topology.update_state(sac, st, batch, STATS, topology.seed_key(cfg), 4, cfg))(initial)
+    assert any((a != b).any() for a, b in zip(sparse_masks(initial.critic).values(), sparse_masks(new.critic).values()))
+
+    def q_sum(params, bound: bool):
+        used = common.bind(cfg, params, new.critic) if bound else params
+        return networks.critic(used, batch.obs, batch.action).sum()
+
+    grads = jax.jit(jax.grad(q_sum), static_argnums=1)
+    sparse_grads, masked_grads = grads(new.critic.params, True), grads(new.critic.params, False)
+    for g_sparse, g_masked, m in zip(*(jax.tree_util.tree_leaves(t) for t in (sparse_grads, masked_grads,
+                                                                                new.critic.mask))):
+        np.testing.assert_allclose(g_sparse, np.where(m, g_masked, 0), rtol=1e-4, atol=1e-6)
 
 
 def test_schedule_cosine_decay_due_steps_and_stop():
