@@ -340,6 +340,16 @@ def _sparsity_text(r: Run) -> str:
     return f"{sp['critic']:g}" if list(sp) == ["critic"] else "(" + ", ".join(f"{m} {v:g}" for m, v in sp.items()) + ")"
 
 
+def _topology_text(r: Run) -> str:
+    """How a run's masks evolve (sparserl.topology): ``static``, or its dynamic topologies (``rigl``, or
+    by module: ``actor set, critic rigl``)."""
+    topo = {k.split(".")[0]: str(v) for k, v in sorted(r.cfg.items())
+            if k.endswith(".topology") and v not in (None, "static")}
+    if not topo:
+        return "static"
+    return next(iter(topo.values())) if len(set(topo.values())) == 1 else ", ".join(f"{m} {v}" for m, v in topo.items())
+
+
 EQUAL_NONZERO_TOLERANCE = 0.15  # a dense critic within 15% of a sparse critic's non-zeros counts as "equal"
 
 
@@ -361,7 +371,22 @@ def comparison_pairs(all_runs: list[Run]) -> list[tuple[str, list[Run], list[Run
                 size = human(sg[0].critic_params or sg[0].total_params)
                 label = f"{agent} critic {size}" + (f" ({sv} vs {dv})" if ambiguous else "")
                 pairs.append((label, sg, dg))
+        pairs += _topology_pairs(agent, sparse)
     return pairs + _equal_nonzero_pairs(done)
+
+
+def _topology_pairs(agent: str, sparse: dict[str, list[Run]]) -> list[tuple[str, list[Run], list[Run]]]:
+    """Each dynamic-topology variant (SET, RigL) against each static variant of the same model and sparsity."""
+    pairs = []
+    for sv, sg in sorted(sparse.items()):
+        if _topology_text(sg[0]) == "static":
+            continue
+        for tv, tg in sorted(sparse.items()):
+            if _topology_text(tg[0]) == "static" and _sparsity_text(tg[0]) == _sparsity_text(sg[0]):
+                size = human(sg[0].critic_params or sg[0].total_params)
+                label = f"{agent} critic {size} sparse {_sparsity_text(sg[0])}: {_topology_text(sg[0])} vs static"
+                pairs.append((label, sg, tg))
+    return pairs
 
 
 def _equal_nonzero_pairs(done: list[Run]) -> list[tuple[str, list[Run], list[Run]]]:
@@ -393,7 +418,8 @@ def comparison_table(all_runs: list[Run], reps: int) -> list[dict]:
         if not shared:
             continue
         x, y = score_matrix({t: xs[t] for t in shared}), score_matrix({t: ys[t] for t in shared})
-        rows.append({"label": label, "sparsity": _sparsity_text(sparse[0]), "tasks": shared,
+        names = (_topology_text(sparse[0]), "static") if dense[0].sparse else ("sparse", "dense")
+        rows.append({"label": label, "sparsity": _sparsity_text(sparse[0]), "tasks": shared, "names": names,
                      "sparse_runs": x.shape[0], "dense_runs": y.shape[0], "sparse_iqm": iqm(x, reps),
                      "dense_iqm": iqm(y, reps), "p_improvement": probability_of_improvement(x, y, reps)})
     return rows
@@ -411,8 +437,10 @@ def headlines(comparisons: list[dict]) -> list[str]:
 def headline(row: dict) -> str:
     """'sac critic 17M: sparse 0.9 IQM 0.81 [0.78, 0.84] vs dense 0.74 [0.70, 0.77]; P(sparse > dense) = ...'"""
     s, d, p = row["sparse_iqm"], row["dense_iqm"], row["p_improvement"]
-    return (f"{row['label']}: sparse {row['sparsity']} IQM {s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}] vs dense "
-            f"{d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}]; P(sparse > dense) = {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] "
+    a, b = row.get("names", ("sparse", "dense"))  # (rigl, static) for a dynamic-topology comparison
+    first = f"sparse {row['sparsity']}" if a == "sparse" else a
+    return (f"{row['label']}: {first} IQM {s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}] vs {b} "
+            f"{d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}]; P({a} > {b}) = {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] "
             f"({len(row['tasks'])} task{'s' * (len(row['tasks']) > 1)}, {row['sparse_runs']} vs {row['dense_runs']} "
             "runs per task" + (": one run cannot give an interval" if min(row["sparse_runs"], row["dense_runs"]) < 2
                                else "") + ")")

@@ -475,3 +475,23 @@ def test_report_renders_in_a_browser(written, tmp_path):
     assert all(done and width > 100 for _, done, width in probe["images"]), probe["images"]  # every image loaded
     headline = probe["headline"]
     assert headline and "sac critic 599k: sparse 0.9 IQM" in headline and "P(sparse > dense)" in headline
+
+
+def test_dynamic_topology_is_compared_with_static_at_the_same_size_and_sparsity(tmp_path):
+    """static_vs_dynamic: each SET/RigL variant against the static one of its size and sparsity, besides dense."""
+    for seed in range(2):
+        for name, final in (("dense", 100.0), ("static", 200.0), ("rigl", 300.0), ("static-0.8", 150.0)):
+            d = _fake_run(tmp_path, name, "cartpole-balance", seed, 64, 0.0 if name == "dense" else 0.9, final + seed,
+                          50_000)
+            if name in ("rigl", "static-0.8"):  # the fake's config, with the topology or sparsity of this variant
+                cfg = config.read_yaml(d / "config.yaml", "config")
+                cfg["critic"].update({"topology": "rigl"} if name == "rigl" else {"sparsity": 0.8})
+                (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rows = report.comparison_table(report.load_runs([tmp_path]), reps=100)
+    topo = [r for r in rows if r["names"] != ("sparse", "dense")]
+    assert [r["label"] for r in topo] == ["sac critic 49k sparse 0.9: rigl vs static"]  # not vs static 0.8
+    assert topo[0]["names"] == ("rigl", "static") and topo[0]["p_improvement"] == (1.0, 1.0, 1.0)
+    assert topo[0]["sparse_iqm"][0] == pytest.approx(0.3005) and topo[0]["dense_iqm"][0] == pytest.approx(0.2005)
+    assert report.headline(topo[0]).startswith("sac critic 49k sparse 0.9: rigl vs static: rigl IQM 0.30")
+    assert "P(rigl > static) = 1.00" in report.headline(topo[0])
+    assert sum(r["names"] == ("sparse", "dense") for r in rows) == 3  # static 0.9, rigl, static 0.8 vs dense

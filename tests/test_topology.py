@@ -27,8 +27,9 @@ def small_cfg(**over) -> config.Config:
 
 def random_batches(key, k: int, n: int) -> common.Batch:
     ks = jax.random.split(key, 3)
-    return common.Batch(jax.random.normal(ks[0], (k, n, OBS)), jax.random.uniform(ks[1], (k, n, ACT), minval=-1, maxval=1),
-                        jax.random.normal(ks[2], (k, n)), jnp.ones((k, n)), jax.random.normal(ks[0], (k, n, OBS)) * 0.9)
+    obs = jax.random.normal(ks[0], (k, n, OBS))
+    return common.Batch(obs, jax.random.uniform(ks[1], (k, n, ACT), minval=-1, maxval=1),
+                        jax.random.normal(ks[2], (k, n)), jnp.ones((k, n)), obs * 0.9)
 
 
 STATS = common.ObsStats(jnp.zeros(OBS), jnp.ones(OBS))
