@@ -36,7 +36,8 @@ import numpy as np
 SOURCE = Path(__file__).parent / "csrc" / "sparse_matmul.cc"
 LIBRARY_STEM = "_sparse_matmul"
 _TARGETS = {"sparserl_spmm_forward": "SparserlSparseMatmulForward",
-            "sparserl_spmm_backward": "SparserlSparseMatmulBackward"}
+            "sparserl_spmm_backward": "SparserlSparseMatmulBackward",
+            "sparserl_gather": "SparserlGather", "sparserl_scatter": "SparserlScatter"}
 
 
 class Layout(NamedTuple):
@@ -70,14 +71,46 @@ def layout(mask: jax.Array, nnz: int | None = None) -> Layout:
 
 def compact(kernel: jax.Array, lay: Layout) -> jax.Array:
     """The kept values of a dense (in, out) kernel, in layout order (its gradient: the dense kernel's,
-    zero at pruned entries)."""
+    zero at pruned entries). With the kernel library loaded, both directions run in it (XLA:CPU's own
+    gather and scatter are serial element loops, costlier here than the sparse products)."""
+    if _load() is None:
+        return _compact_ffi(kernel, lay)
     return kernel.reshape(-1)[lay.flat]
 
 
 def expand(values: jax.Array, lay: Layout) -> jax.Array:
     """The dense (in, out) kernel of compact values: pruned entries exactly 0."""
     shape = (lay.row_ptr.shape[-1] - 1, lay.col_ptr.shape[-1] - 1)
+    if _load() is None:
+        return _scatter_call(values, lay, shape)
     return jnp.zeros(shape[0] * shape[1], values.dtype).at[lay.flat].set(values).reshape(shape)
+
+
+def _scatter_call(values, lay: Layout, shape):
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call("sparserl_scatter", out, vmap_method="expand_dims")(values, lay.row_ptr, lay.cols, lay.perm)
+
+
+@jax.custom_vjp
+def _compact_ffi(kernel, lay: Layout):
+    out = jax.ShapeDtypeStruct(lay.flat.shape, jnp.float32)
+    return jax.ffi.ffi_call("sparserl_gather", out, vmap_method="expand_dims")(kernel, lay.row_ptr, lay.cols, lay.perm)
+
+
+def _compact_ffi_fwd(kernel, lay):
+    return _compact_ffi(kernel, lay), lay
+
+
+def _compact_ffi_bwd(lay, g):
+    shape = (lay.row_ptr.shape[-1] - 1, lay.col_ptr.shape[-1] - 1)
+    return _scatter_call(g, lay, shape), _no_grad(lay)
+
+
+_compact_ffi.defvjp(_compact_ffi_fwd, _compact_ffi_bwd)
+
+
+def _no_grad(lay: Layout) -> Layout:
+    return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), lay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +214,7 @@ def _matmul2d_fwd(values, lay, x2):
 def _matmul2d_bwd(residuals, g):
     values, lay, x2 = residuals
     dx, dvalues = _backward_call(values, lay, x2, g)
-    no_grad = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), lay)
-    return dvalues, no_grad, dx
+    return dvalues, _no_grad(lay), dx
 
 
 _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)

@@ -111,7 +111,7 @@ bool Broadcastable(std::initializer_list<int64_t> counts, int64_t* total) {
 // Scratch reused across calls by the same thread (a fresh multi-MB allocation per call would fault
 // its pages in every time).
 float* Scratch(int slot, int64_t floats) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   auto& buf = buffers[slot];
   if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
   return buf.data();
@@ -128,89 +128,98 @@ int64_t PaddedBatch(int64_t batch) {
 
 int64_t ChunkOf(int64_t padded) { return std::min<int64_t>(padded, kChunk); }
 
-// a (rows, cols) row-major -> out (cols, padded) row-major, zero-padded along the batch (rows) axis.
+// a (rows, cols) row-major -> panels of `chunk` batch rows: out[p][c][t] = a[p * chunk + t][c], zero
+// past the batch. A panel (cols x chunk floats) is what one pass over the kept weights reads; it stays
+// in L2 across all output units, contiguous (no TLB walk per row).
 void TransposeInto(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols, int64_t padded,
-                   float* out) {
+                   int64_t chunk, float* out) {
   constexpr int64_t kTile = 32;
   int64_t col_tiles = (cols + kTile - 1) / kTile;
   ParallelFor(pool, col_tiles, [&](int64_t t) {
     int64_t c0 = t * kTile, c1 = std::min(cols, c0 + kTile);
-    for (int64_t r0 = 0; r0 < padded; r0 += kTile) {
-      int64_t r1 = std::min(padded, r0 + kTile);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) out[c * padded + r] = r < rows ? a[r * cols + c] : 0.0f;
+    for (int64_t r = 0; r < padded; ++r) {
+      float* panel = out + (r / chunk) * cols * chunk + r % chunk;
+      if (r < rows) {
+        for (int64_t c = c0; c < c1; ++c) panel[c * chunk] = a[r * cols + c];
+      } else {
+        for (int64_t c = c0; c < c1; ++c) panel[c * chunk] = 0.0f;
+      }
     }
   }, rows * cols);
 }
 
 // ---------------------------------------------------------------------------------------------
-// The gather product shared by forward and input gradient:
-//   out[b, u] = sum_{k in ptr[u]..ptr[u+1]} value(k) * srcT[idx[k], b]   for u < units, b < batch
-// srcT is (sources, padded); `value(k)` reads the weight of entry k (direct, or through perm).
+// The gather product shared by forward and input gradient, one panel of batch rows at a time:
+//   out[b, u] = sum_{k in ptr[u]..ptr[u+1]} w[k] * src[b, idx[k]]   for u < units, b < batch
 
-template <int64_t NV, typename Value>
-void GatherBlock(const float* srcT, int64_t padded, int64_t batch, const int32_t* ptr, const int32_t* idx,
-                 Value value, int64_t u0, int64_t u1, float* out, int64_t out_cols) {
+template <int64_t NV>
+void GatherBlock(const float* panel, int64_t b0, int64_t batch, const int32_t* ptr, const int32_t* idx,
+                 const float* w, int64_t u0, int64_t u1, float* out, int64_t out_cols) {
   constexpr int64_t chunk = NV * kLanes;
   alignas(64) float tile[kBlock][chunk];
-  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
-    for (int64_t u = u0; u < u1; ++u) {
-      vec acc[NV];  // stays in registers: every index is a constant after unrolling, no address taken
+  for (int64_t u = u0; u < u1; ++u) {
+    vec acc[NV];  // stays in registers: every index is a constant after unrolling, no address taken
 #pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) acc[v] = vec{};
-      for (int32_t k = ptr[u]; k < ptr[u + 1]; ++k) {
-        const float w = value(k);
-        const vec* row = reinterpret_cast<const vec*>(srcT + static_cast<int64_t>(idx[k]) * padded + b0);
+    for (int64_t v = 0; v < NV; ++v) acc[v] = vec{};
+    for (int32_t k = ptr[u]; k < ptr[u + 1]; ++k) {
+      const float wk = w[k];
+      const vec* row = reinterpret_cast<const vec*>(panel + static_cast<int64_t>(idx[k]) * chunk);
 #pragma GCC unroll 8
-        for (int64_t v = 0; v < NV; ++v) acc[v] += w * row[v];
-      }
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) *reinterpret_cast<vec*>(&tile[u - u0][v * kLanes]) = acc[v];
+      for (int64_t v = 0; v < NV; ++v) acc[v] += wk * row[v];
     }
-    int64_t rows = std::min(chunk, batch - b0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t u = u0; u < u1; ++u) out[(b0 + r) * out_cols + u] = tile[u - u0][r];
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < NV; ++v) *reinterpret_cast<vec*>(&tile[u - u0][v * kLanes]) = acc[v];
   }
+  int64_t rows = std::min(chunk, batch - b0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t u = u0; u < u1; ++u) out[(b0 + r) * out_cols + u] = tile[u - u0][r];
 }
 
-template <typename Value>
-void GatherScalar(const float* src, const int32_t* ptr, const int32_t* idx, Value value, int64_t u0,
+void GatherScalar(const float* src, const int32_t* ptr, const int32_t* idx, const float* w, int64_t u0,
                   int64_t u1, float* out) {
   for (int64_t u = u0; u < u1; ++u) {
     float a0 = 0, a1 = 0;
     int32_t k = ptr[u], end = ptr[u + 1];
     for (; k + 1 < end; k += 2) {
-      a0 += value(k) * src[idx[k]];
-      a1 += value(k + 1) * src[idx[k + 1]];
+      a0 += w[k] * src[idx[k]];
+      a1 += w[k + 1] * src[idx[k + 1]];
     }
-    if (k < end) a0 += value(k) * src[idx[k]];
+    if (k < end) a0 += w[k] * src[idx[k]];
     out[u] = a0 + a1;
   }
 }
 
-template <typename Value>
-void Gather(ffi::ThreadPool& pool, const float* srcT, int64_t padded, int64_t batch, const int32_t* ptr,
-            const int32_t* idx, Value value, int64_t units, float* out) {
+// `panels`: the source in the layout of TransposeInto (`sources` rows per panel), or for batch 1 the
+// source row itself.
+void Gather(ffi::ThreadPool& pool, const float* panels, int64_t sources, int64_t padded, int64_t batch,
+            const int32_t* ptr, const int32_t* idx, const float* w, int64_t units, float* out) {
   int64_t blocks = (units + kBlock - 1) / kBlock;
-  int64_t chunk = ChunkOf(padded);
-  ParallelFor(pool, blocks, [&](int64_t blk) {
-    int64_t u0 = blk * kBlock, u1 = std::min(units, u0 + kBlock);
-    if (batch == 1) return GatherScalar(srcT, ptr, idx, value, u0, u1, out);
-    switch (chunk) {
-      case 8: return GatherBlock<1>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
-      case 16: return GatherBlock<2>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
-      case 32: return GatherBlock<4>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
-      default: return GatherBlock<8>(srcT, padded, batch, ptr, idx, value, u0, u1, out, units);
-    }
-  }, static_cast<int64_t>(ptr[units]) * padded);
+  int64_t chunk = ChunkOf(padded), work = static_cast<int64_t>(ptr[units]) * chunk;
+  if (batch == 1) {
+    ParallelFor(pool, blocks, [&](int64_t blk) {
+      GatherScalar(panels, ptr, idx, w, blk * kBlock, std::min(units, (blk + 1) * kBlock), out);
+    }, ptr[units]);
+    return;
+  }
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    const float* panel = panels + (b0 / chunk) * sources * chunk;
+    ParallelFor(pool, blocks, [&](int64_t blk) {
+      int64_t u0 = blk * kBlock, u1 = std::min(units, u0 + kBlock);
+      switch (chunk) {
+        case 8: return GatherBlock<1>(panel, b0, batch, ptr, idx, w, u0, u1, out, units);
+        case 16: return GatherBlock<2>(panel, b0, batch, ptr, idx, w, u0, u1, out, units);
+        case 32: return GatherBlock<4>(panel, b0, batch, ptr, idx, w, u0, u1, out, units);
+        default: return GatherBlock<8>(panel, b0, batch, ptr, idx, w, u0, u1, out, units);
+      }
+    }, work);
+  }
 }
 
-// Transposed activations: batch 1 needs none (a single row is its own transpose).
-const float* BatchMinor(ffi::ThreadPool& pool, int slot, const float* a, int64_t batch, int64_t cols,
-                        int64_t padded) {
+// Panels of a (batch, cols) activation: batch 1 needs none (a single row is its own panel).
+const float* Panels(ffi::ThreadPool& pool, int slot, const float* a, int64_t batch, int64_t cols, int64_t padded) {
   if (batch == 1) return a;
   float* out = Scratch(slot, cols * padded);
-  TransposeInto(pool, a, batch, cols, padded, out);
+  TransposeInto(pool, a, batch, cols, padded, ChunkOf(padded), out);
   return out;
 }
 
@@ -228,37 +237,34 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer c
     const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
     const int32_t* p = col_ptr.typed_data<int32_t>() + Groups::Of(gp, i) * (out + 1);
     const int32_t* r = rows.typed_data<int32_t>() + Groups::Of(gr, i) * nnz;
-    const float* xT = BatchMinor(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
-    Gather(pool, xT, padded, batch, p, r, [v](int32_t k) { return v[k]; }, out,
-           y->typed_data<float>() + i * batch * out);
+    const float* xp = Panels(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
+    Gather(pool, xp, in, padded, batch, p, r, v, out, y->typed_data<float>() + i * batch * out);
   }
   return ffi::Error::Success();
 }
 
-// dv[k] for the entries of column block [j0, j1): dot products along the batch.
-void WeightGradBlock(const float* xT, const float* gT, int64_t padded, const int32_t* col_ptr,
-                     const int32_t* rows, int64_t j0, int64_t j1, float* dv) {
+// dv[k] (+)= <x panel row rows[k], g panel row j> for the entries of columns [j0, j1).
+void WeightGradBlock(const float* xp, const float* gp, int64_t chunk, const int32_t* col_ptr,
+                     const int32_t* rows, int64_t j0, int64_t j1, bool accumulate, float* dv) {
   for (int64_t j = j0; j < j1; ++j) {
-    const float* gj = gT + j * padded;
+    const float* gj = gp + j * chunk;
     for (int32_t k = col_ptr[j]; k < col_ptr[j + 1]; ++k) {
-      const float* xi = xT + static_cast<int64_t>(rows[k]) * padded;
-      if (padded == 1) {
-        dv[k] = xi[0] * gj[0];
-        continue;
+      const float* xi = xp + static_cast<int64_t>(rows[k]) * chunk;
+      float total;
+      if (chunk == 1) {
+        total = xi[0] * gj[0];
+      } else {
+        vec acc[2] = {};
+        for (int64_t b = 0; b < chunk; b += 2 * kLanes) {
+          acc[0] += *reinterpret_cast<const vec*>(xi + b) * *reinterpret_cast<const vec*>(gj + b);
+          if (b + kLanes < chunk)
+            acc[1] += *reinterpret_cast<const vec*>(xi + b + kLanes) * *reinterpret_cast<const vec*>(gj + b + kLanes);
+        }
+        vec s = acc[0] + acc[1];
+        total = 0;
+        for (int64_t l = 0; l < kLanes; ++l) total += s[l];
       }
-      vec acc[4] = {};
-      int64_t b = 0;
-      for (; b + 4 * kLanes <= padded; b += 4 * kLanes)
-#pragma GCC unroll 4
-        for (int64_t v = 0; v < 4; ++v)
-          acc[v] += *reinterpret_cast<const vec*>(xi + b + v * kLanes) *
-                    *reinterpret_cast<const vec*>(gj + b + v * kLanes);
-      for (; b < padded; b += kLanes)
-        acc[0] += *reinterpret_cast<const vec*>(xi + b) * *reinterpret_cast<const vec*>(gj + b);
-      vec s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      float total = 0;
-      for (int64_t l = 0; l < kLanes; ++l) total += s[l];
-      dv[k] = total;
+      dv[k] = accumulate ? dv[k] + total : total;
     }
   }
 }
@@ -272,7 +278,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
   int64_t gx = GroupsOf(x, 2), gg = GroupsOf(gy, 2), g;
   if (!Broadcastable({gv, gcp, gr, grp, gc, gpm, gx, gg}, &g) || GroupsOf(*dx, 2) != g || GroupsOf(*dv, 1) != g)
     return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
-  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch);
+  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch), chunk = batch == 1 ? 1 : ChunkOf(padded);
   for (int64_t i = 0; i < g; ++i) {
     const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
     const int32_t* cp = col_ptr.typed_data<int32_t>() + Groups::Of(gcp, i) * (out + 1);
@@ -280,15 +286,83 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
     const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
     const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
     const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
-    const float* xT = BatchMinor(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
-    const float* gT = BatchMinor(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
-    Gather(pool, gT, padded, batch, rp, c, [v, pm](int32_t k) { return v[pm[k]]; }, in,
-           dx->typed_data<float>() + i * batch * in);
+    const float* xp = Panels(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
+    const float* gp = Panels(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
+    float* v_csr = Scratch(2, nnz);  // the weights in CSR order, read once per panel by the input gradient
+    ParallelFor(pool, (nnz + 65535) / 65536, [&](int64_t u) {
+      for (int64_t k = u * 65536, end = std::min(nnz, k + 65536); k < end; ++k) v_csr[k] = v[pm[k]];
+    }, nnz);
+    Gather(pool, gp, out, padded, batch, rp, c, v_csr, in, dx->typed_data<float>() + i * batch * in);
     float* dvi = dv->typed_data<float>() + i * nnz;
     int64_t blocks = (out + kBlock - 1) / kBlock;
-    ParallelFor(pool, blocks, [&](int64_t blk) {
-      WeightGradBlock(xT, gT, padded, cp, r, blk * kBlock, std::min(out, (blk + 1) * kBlock), dvi);
-    }, nnz * padded);
+    for (int64_t b0 = 0; b0 < padded; b0 += chunk) {
+      const float* xpanel = xp + (b0 / chunk) * in * chunk;
+      const float* gpanel = gp + (b0 / chunk) * out * chunk;
+      ParallelFor(pool, blocks, [&](int64_t blk) {
+        WeightGradBlock(xpanel, gpanel, chunk, cp, r, blk * kBlock, std::min(out, (blk + 1) * kBlock), b0 > 0, dvi);
+      }, nnz * chunk);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense <-> compact: values[k] = kernel[i, j] for the k-th kept (i, j), and its transpose (zeros,
+// then the kept entries). Both walk the kernel row by row (CSR order, through perm into the compact
+// values): in compact (CSC) order consecutive entries lie a whole kernel row apart, one cache line
+// and one TLB entry each. XLA:CPU's own gather and scatter are serial element loops.
+
+constexpr int64_t kRowsPerUnit = 64;
+
+struct CsrView {
+  const int32_t* row_ptr;
+  const int32_t* cols;
+  const int32_t* perm;
+};
+
+template <typename F>
+void ForKept(ffi::ThreadPool& pool, int64_t in, int64_t nnz, F&& fn) {
+  ParallelFor(pool, (in + kRowsPerUnit - 1) / kRowsPerUnit, [&](int64_t u) {
+    for (int64_t i = u * kRowsPerUnit, end = std::min(in, (u + 1) * kRowsPerUnit); i < end; ++i) fn(i);
+  }, nnz);
+}
+
+ffi::Error GatherValues(ffi::ThreadPool pool, ffi::AnyBuffer dense, ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols,
+                        ffi::AnyBuffer perm, ffi::Result<ffi::AnyBuffer> values) {
+  const int64_t in = Dim(dense, 2), out = Dim(dense, 1), nnz = Dim(cols, 1);
+  int64_t gd = GroupsOf(dense, 2), grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gp = GroupsOf(perm, 1), g;
+  if (!Broadcastable({gd, grp, gc, gp}, &g) || GroupsOf(*values, 1) != g)
+    return ffi::Error::InvalidArgument("sparserl gather: operands' leading (vmap) axes do not match");
+  for (int64_t i = 0; i < g; ++i) {
+    const float* d = dense.typed_data<float>() + Groups::Of(gd, i) * in * out;
+    const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
+    const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
+    const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gp, i) * nnz;
+    float* v = values->typed_data<float>() + i * nnz;
+    ForKept(pool, in, nnz, [&](int64_t r) {
+      for (int32_t k = rp[r]; k < rp[r + 1]; ++k) v[pm[k]] = d[r * out + c[k]];
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterValues(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols,
+                         ffi::AnyBuffer perm, ffi::Result<ffi::AnyBuffer> dense) {
+  const int64_t in = Dim(*dense, 2), out = Dim(*dense, 1), nnz = Dim(cols, 1);
+  int64_t gv = GroupsOf(values, 1), grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gp = GroupsOf(perm, 1), g;
+  if (!Broadcastable({gv, grp, gc, gp}, &g) || GroupsOf(*dense, 2) != g)
+    return ffi::Error::InvalidArgument("sparserl scatter: operands' leading (vmap) axes do not match");
+  for (int64_t i = 0; i < g; ++i) {
+    const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
+    const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
+    const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
+    const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gp, i) * nnz;
+    float* d = dense->typed_data<float>() + i * in * out;
+    ForKept(pool, in, in * out, [&](int64_t r) {  // each row zeroed, then filled, while in cache
+      float* row = d + r * out;
+      std::memset(row, 0, sizeof(float) * out);
+      for (int32_t k = rp[r]; k < rp[r + 1]; ++k) row[c[k]] = v[pm[k]];
+    });
   }
   return ffi::Error::Success();
 }
@@ -318,4 +392,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlSparseMatmulBackward, Backward,
                                   .Arg<ffi::AnyBuffer>()  // g (..., B, O)
                                   .Ret<ffi::AnyBuffer>()  // dx (..., B, I)
                                   .Ret<ffi::AnyBuffer>()  // dvalues (..., K)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlGather, GatherValues,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // dense kernel (..., I, O) float32
+                                  .Arg<ffi::AnyBuffer>()  // row_ptr (..., I+1) int32
+                                  .Arg<ffi::AnyBuffer>()  // cols (..., K) int32
+                                  .Arg<ffi::AnyBuffer>()  // perm (..., K) int32
+                                  .Ret<ffi::AnyBuffer>()  // values (..., K) float32
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlScatter, ScatterValues,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // values (..., K) float32
+                                  .Arg<ffi::AnyBuffer>()  // row_ptr (..., I+1) int32
+                                  .Arg<ffi::AnyBuffer>()  // cols (..., K) int32
+                                  .Arg<ffi::AnyBuffer>()  // perm (..., K) int32
+                                  .Ret<ffi::AnyBuffer>()  // dense kernel (..., I, O) float32, zero off flat
 );
