@@ -16,7 +16,7 @@ from sparserl.config import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = {"sparsity_sweep_critic_only"}  # presets that sparsify the critic alone on purpose
 TIED = ("scaling_sac", "scaling_ddpg", "width_scaling", "depth_scaling", "sparsity_sweep", "equal_nonzero",
-        "diagnostics", "reset_probe", "visual", "streaming", "static_vs_dynamic")
+        "diagnostics", "reset_probe", "visual", "streaming", "static_vs_dynamic", "demo")
 
 
 @functools.lru_cache(maxsize=None)
