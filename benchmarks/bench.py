@@ -22,6 +22,11 @@
   (the ceiling of any patches-and-matmul convolution);
 * ``pixels``: rendering frames/s of a pixel env (default and ``render.fast``) and DrQ-v2 agent
   steps/s of a small configuration in the real train loop;
+* ``sparse_compute``: ``sparsity.compute=masked`` vs ``sparse`` (docs/sparse_compute.md), default SAC with
+  actor and critic at sparsity S: per critic width (512, 1024, 2048) and S (0.8, 0.9, 0.95),
+  ``masked_updates_per_s``, ``sparse_updates_per_s`` and ``speedup`` (entries in ``updates``); the
+  end-to-end agent steps/s on humanoid-run at S = 0.9 in both modes (``end_to_end``, when
+  ``--learn-seconds`` > 0); Stream AC(λ) is not wired to sparse compute yet (``streaming``: why);
 * ``checkpoint_write``: per preset (default humanoid-run, the 109M sparse model), the bytes and
   seconds of one checkpoint with a full replay buffer -- with one agent step, the lead time a
   graceful stop on a scheduler's signal needs (docs/cluster.md).
@@ -128,7 +133,7 @@ def topology_benchmark(width: int, utd: int, seconds: float) -> dict:
     return out
 
 
-def end_to_end(learn_seconds: float, update_rate: float) -> dict:
+def end_to_end(learn_seconds: float, update_rate: float, overrides: dict | None = None) -> dict:
     """Train humanoid-run for about ``learn_seconds`` of learning; time shares from the loop's timers."""
     warmup = 500
     # UTD 2: two updates per agent step; 20% margin so that learning lasts at least learn_seconds
@@ -136,13 +141,64 @@ def end_to_end(learn_seconds: float, update_rate: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.build({"env": "humanoid-run", "warmup_steps": warmup, "env_steps": 2 * (warmup + learn_steps),
                             "eval_every": 2 * warmup, "eval_episodes": 1, "final_eval_episodes": 1,
-                            "checkpoint_every": 10**9, "progress": False, "run_dir": str(Path(tmp) / "run")})
+                            "checkpoint_every": 10**9, "progress": False, "run_dir": str(Path(tmp) / "run"),
+                            **(overrides or {})})
         summary = train.train(cfg, log=lambda msg: None)
         rows = list(csv.DictReader(open(Path(tmp) / "run" / "metrics.csv")))
     learn_wall = float(rows[-1]["wall_time"]) - float(rows[0]["wall_time"])
     return {"env": cfg.env, "warmup_agent_steps": warmup, "learning_agent_steps": learn_steps,
             "learning_seconds": learn_wall, "agent_steps_per_s": learn_steps / learn_wall,
             "time_share": summary["time_share"]}
+
+
+def sparse_update_rate(width: int, sparsity: float, compute: str, seconds: float) -> float:
+    """Updates/s of the default SAC with actor and critic at ``sparsity``, one gradient step per call."""
+    cfg = config.build({"critic.width": width, "actor.sparsity": sparsity, "critic.sparsity": sparsity,
+                        "sparsity.compute": compute, "utd": 1}, check_env=False)
+    agent = agents.get(cfg.agent)
+    batches, stats = random_batches((1, cfg.batch_size)), ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
+    update = jax.jit(agent.update, static_argnames="cfg", donate_argnums=0)
+    holder = [agent.init(cfg, OBS_DIM, ACTION_DIM)]
+
+    def step():
+        holder[0], metrics = update(holder[0], batches, stats, cfg=cfg)
+        jax.block_until_ready(metrics)
+
+    return timed(step, seconds)
+
+
+def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, learn_seconds: float) -> dict:
+    """masked vs sparse compute, in one process (so the ratios hold on a busy machine)."""
+    from sparserl import sparse_kernel
+
+    out = {"kernel": "not available: " + str(sparse_kernel.unavailable_reason()) if not sparse_kernel.available()
+           else "sparserl/csrc/sparse_matmul.cc", "updates": []}
+    if not sparse_kernel.available():
+        return out
+    for width in widths:
+        for s in sparsities:
+            masked = sparse_update_rate(width, s, "masked", seconds)
+            sparse = sparse_update_rate(width, s, "sparse", seconds)
+            out["updates"].append({"critic_width": width, "sparsity": s, "masked_updates_per_s": masked,
+                                   "sparse_updates_per_s": sparse, "speedup": sparse / masked})
+            print(f"  critic {width} S={s}: masked {masked:.2f} updates/s, sparse {sparse:.2f} updates/s: "
+                  f"{sparse / masked:.2f}x", flush=True)
+    if learn_seconds > 0:
+        out["end_to_end"] = {}
+        for compute in ("masked", "sparse"):
+            rate = sparse_update_rate(512, 0.9, compute, seconds)
+            e2e = end_to_end(learn_seconds, rate, {"actor.sparsity": 0.9, "critic.sparsity": 0.9,
+                                                   "sparsity.compute": compute})
+            out["end_to_end"][compute] = e2e
+            print(f"  humanoid-run S=0.9 {compute}: {e2e['agent_steps_per_s']:.2f} agent steps/s", flush=True)
+        e2e = out["end_to_end"]
+        e2e["speedup"] = e2e["sparse"]["agent_steps_per_s"] / e2e["masked"]["agent_steps_per_s"]
+    out["streaming"] = {"widths": [1024, 2048], "sparsity": 0.9, "masked_steps_per_s": None,
+                        "sparse_steps_per_s": None,
+                        "why": "stream_ac is not wired to sparsity.compute yet (its batch-1 step is memory-bound: "
+                               "with masked-dense storage a sparse product still reads and writes every dense "
+                               "kernel entry in the ObGD step; see docs/sparse_compute.md)"}
+    return out
 
 
 def seed_scaling(counts: list[int], seconds: float) -> list[dict]:
@@ -301,6 +357,12 @@ def main() -> None:
     parser.add_argument("--stream-steps", type=int, default=6000, help="env steps of each streaming loop run")
     parser.add_argument("--checkpoint-presets", nargs="*", default=["humanoid_run", "humanoid_run_109m_sparse"],
                         help="presets whose checkpoint write time is measured (none: skip)")
+    parser.add_argument("--sparse-widths", type=int, nargs="*", default=[512, 1024, 2048],
+                        help="critic widths of the sparse-compute comparison (none: skip)")
+    parser.add_argument("--sparse-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--sparse-seconds", type=float, default=2.0, help="timing window per sparse-compute point")
+    parser.add_argument("--sparse-learn-seconds", type=float, default=30.0,
+                        help="end-to-end learning time per mode at S=0.9 (0: skip)")
     parser.add_argument("--no-pixels", action="store_true", help="skip the encoder and pixel benchmarks")
     parser.add_argument("--only-pixels", action="store_true", help="only the matmul, encoder and pixel benchmarks")
     args = parser.parse_args()
@@ -364,6 +426,12 @@ def main() -> None:
                       flush=True)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+    if args.sparse_widths:
+        print("sparse compute (sparsity.compute=masked vs sparse, default SAC, actor and critic at S):")
+        results["sparse_compute"] = sparse_compute(args.sparse_widths, args.sparse_sparsities, args.sparse_seconds,
+                                                   args.sparse_learn_seconds)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     if args.seed_counts:
         print("vmapped seeds (default SAC):")
         results["seeds"] = seed_scaling(args.seed_counts, args.seconds)

@@ -11,6 +11,8 @@ and networks never look at the platform themselves.
   runs as chunked matmuls with a space-to-depth first layer and a fused backward
   (``conv='chunked_s2d'``, 0.55 of the matmul rate against 0.14 for XLA's convolution); malloc backed
   by transparent huge pages; XLA:CPU's multi-output fusion.
+* Both: whether ``sparsity.compute=sparse|auto`` may run pruned kernels through sparserl's C++ kernel
+  (``sparse_kernel``: an XLA:CPU custom call, so ``CPU`` only; docs/sparse_compute.md).
 * ``PLAIN`` (used on every other platform: GPU, TPU): the plain XLA forms, ``x @ kernel`` with
   autodiff's gradient and ``lax.conv_general_dilated``. Nothing here was measured on a GPU; the CPU
   forms work around XLA:CPU specifically (its matmul repacks a transposed operand; its convolution and
@@ -50,11 +52,13 @@ class Backend:
     conv: str                  # "chunked_s2d" | "lax": the pixel encoder's convolutions
     huge_pages: bool           # malloc asks for transparent huge pages (command-line processes)
     xla_flags: tuple[str, ...]  # appended to XLA_FLAGS at ``import sparserl``
+    sparse_kernel: bool        # sparsity.compute=sparse/auto may use the C++ kernel (sparserl/sparse_kernel.py)
 
 
 CPU = Backend("cpu", matmul_grad="tiled_transpose", conv="chunked_s2d", huge_pages=True,
-              xla_flags=(MULTI_OUTPUT_FUSION,))
-PLAIN = Backend("plain", matmul_grad="plain", conv="lax", huge_pages=False, xla_flags=())
+              xla_flags=(MULTI_OUTPUT_FUSION,), sparse_kernel=True)
+# No sparse kernel off CPU (an XLA:CPU custom call): sparsity.compute=auto means masked there.
+PLAIN = Backend("plain", matmul_grad="plain", conv="lax", huge_pages=False, xla_flags=(), sparse_kernel=False)
 BACKENDS = {"cpu": CPU, "plain": PLAIN}
 
 _forced: list[Backend] = []  # the stack of ``use`` overrides, innermost last

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparserl import backend
+
 SOURCE = Path(__file__).parent / "csrc" / "sparse_matmul.cc"
 LIBRARY_STEM = "_sparse_matmul"
 _TARGETS = {"sparserl_spmm_forward": "SparserlSparseMatmulForward",
@@ -172,6 +174,8 @@ def unavailable_reason() -> str | None:
     """Why the sparse kernel cannot run here (None when it can): not a CPU backend, or no library."""
     if jax.default_backend() != "cpu":
         return f"no sparse kernel for the {jax.default_backend()} backend"
+    if not backend.current().sparse_kernel:
+        return f"backend {backend.current().name} runs no custom kernels"
     return _load()
 
 

@@ -254,7 +254,7 @@ def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
         return False
     reason = sparse_kernel.unavailable_reason()
     if reason is not None:
-        if compute == "sparse" and jax.default_backend() == "cpu":
+        if compute == "sparse":
             sparse_kernel.warn_fallback(reason)
         return False
     if compute == "sparse":

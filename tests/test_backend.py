@@ -39,8 +39,9 @@ def run_python(code: str, env: dict[str, str]) -> str:
 
 def test_cpu_backend_record_has_the_tuned_choices():
     assert backend.CPU == backend.Backend("cpu", matmul_grad="tiled_transpose", conv="chunked_s2d",
-                                          huge_pages=True, xla_flags=(backend.MULTI_OUTPUT_FUSION,))
-    assert backend.PLAIN == backend.Backend("plain", matmul_grad="plain", conv="lax", huge_pages=False, xla_flags=())
+                                          huge_pages=True, xla_flags=(backend.MULTI_OUTPUT_FUSION,), sparse_kernel=True)
+    assert backend.PLAIN == backend.Backend("plain", matmul_grad="plain", conv="lax", huge_pages=False, xla_flags=(),
+                                            sparse_kernel=False)
     assert backend.for_platform("cpu") is backend.CPU
     assert backend.for_platform("gpu") is backend.for_platform("tpu") is backend.PLAIN
     with pytest.raises(dataclasses.FrozenInstanceError):

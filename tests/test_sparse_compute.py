@@ -210,3 +210,15 @@ def test_failed_build_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ERR"), out.stdout + out.stderr
+
+
+def test_plain_backend_computes_masked(recwarn):
+    """The plain backend (GPU/TPU's choices) has no custom kernels: auto is masked, sparse warns once
+    and is masked — the same numbers as masked by construction."""
+    from sparserl import backend
+
+    with backend.use("plain"):
+        assert not sparsity.sparse_layer((1024, 4096), 1000, "auto")
+        assert not sparsity.sparse_layer((1024, 4096), 1000, "sparse")
+        assert not sparsity.sparse_layer((512, 2048), 1000, "sparse")
+    assert sum("falls back to masked" in str(w.message) for w in recwarn.list) == 1
