@@ -27,6 +27,7 @@ from typing import Any
 
 import submitit
 
+from sparserl import interrupt, provenance
 from sparserl.config import ConfigError
 
 # The sweep keys of this executor (documented by `sparserl sweep --help`).
@@ -58,7 +59,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
         env = {**os.environ, **self.env, "SPARSERL_EXECUTOR": "slurm"}
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
-            log.write(f"$ {shlex.join(self.command)}  # slurm job {os.environ.get('SLURM_JOB_ID', '?')}, "
+            log.write(f"$ {shlex.join(self.command)}  # slurm job {provenance.job_id() or '?'}, "
                       f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
             log.flush()
             self._child = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -207,23 +208,33 @@ def wait(submitted: list, jobs: list, finish: Callable[[Any, int, int], None], o
     pending = dict(zip(submitted, jobs))
     done = 0
     while pending:
-        states = {}
         for sub, job in list(pending.items()):
-            states[sub.job_id] = sub.state
             if not sub.done():
                 continue
+            code = task_exit_code(sub, job.log)
+            if code == interrupt.EXIT_INTERRUPTED and sub.state in LIVE_STATES:
+                continue  # stopped by `scontrol requeue` or a preemption, and Slurm runs it again
             del pending[sub]
             done += 1
-            try:
-                code = int(sub.result())
-            except Exception as e:  # noqa: BLE001 - a cancelled or failed task is one run, not the sweep
-                with open(job.log, "a") as f:
-                    f.write(f"slurm job {sub.job_id} ended without a result: {' '.join(str(e).split())[:500]}\n")
-                code = -1
             finish(job, code, done)
-        on_poll(states)
+        on_poll({sub.job_id: sub.state for sub in submitted})
         if pending:
             time.sleep(poll_s)
+
+
+def task_exit_code(sub, log_path) -> int:
+    """The training process's exit code from a finished task (-1 when Slurm ended it without one:
+    cancelled, out of memory, node failure), without submitit's wait for a result that never comes."""
+    if not sub.paths.result_pickle.exists():
+        reason = f"slurm job {sub.job_id} ended without a result (state {sub.state})"
+    else:
+        try:
+            return int(sub.result())
+        except Exception as e:  # noqa: BLE001 - a failed task is one run, not the sweep
+            reason = f"slurm job {sub.job_id} failed: {' '.join(str(e).split())[:500]}"
+    with open(log_path, "a") as f:
+        f.write(reason + "\n")
+    return -1
 
 
 def job_ids_file(sweep_dir: Path) -> Path:

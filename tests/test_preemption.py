@@ -22,17 +22,32 @@ from sparserl import checkpoint, config, envs, interrupt, runs, train
 from sparserl.cli import main
 
 TIMING = ("steps_per_s", "wall_time")
-SAC_ARGS = ["env=cartpole-balance", "env_steps=2000", "checkpoint_every=100000", "eval_every=700", "warmup_steps=300",
+SAC_ARGS = ["env=cartpole-balance", "env_steps=1400", "checkpoint_every=100000", "eval_every=700", "warmup_steps=300",
             "eval_episodes=1", "final_eval_episodes=1", "batch_size=32", "actor.width=16", "critic.width=16",
             "critic.blocks=1", "critic.sparsity=0.5", "progress=false"]
 # eval_every=700 env steps: rows fall mid-episode (cartpole episodes are 1000 env steps)
-STREAM_ARGS = ["agent=stream_ac", "env=gym:InvertedPendulum-v5", "action_repeat=1", "env_steps=900", "eval_every=300",
+STREAM_ARGS = ["agent=stream_ac", "env=gym:InvertedPendulum-v5", "action_repeat=1", "env_steps=700", "eval_every=300",
                "checkpoint_every=100000", "actor.width=16", "actor.blocks=1", "critic.width=16", "critic.blocks=1",
                "progress=false"]
 PIXEL_ARGS = ["agent=drqv2", "env=cartpole-balance", "render.size=24", "render.fast=true", "encoder.layers=2",
               "encoder.channels=8", "encoder.feature_dim=16", "actor.width=16", "critic.width=16", "batch_size=8",
-              "action_repeat=8", "env_steps=1600", "warmup_steps=80", "eval_every=560", "eval_episodes=1",
+              "action_repeat=8", "env_steps=1120", "warmup_steps=80", "eval_every=560", "eval_episodes=1",
               "final_eval_episodes=1", "checkpoint_every=100000", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``reference(args)``: the run directory of one uninterrupted in-process run with ``args`` (each
+    trained once per module)."""
+    done: dict[tuple, Path] = {}
+
+    def run(args: list[str]) -> Path:
+        if tuple(args) not in done:
+            run_dir = tmp_path_factory.mktemp("reference") / "run"
+            train.train(config.from_args(None, args + [f"run_dir={run_dir}"]), log=lambda m: None)
+            done[tuple(args)] = run_dir
+        return done[tuple(args)]
+    return run
 
 
 def rows_without_timing(run_dir: Path) -> list[list[str]]:
@@ -84,9 +99,8 @@ def stop_at_row(env_step: int, signum: int):
     (STREAM_ARGS, 600, signal.SIGTERM),
     (PIXEL_ARGS, 560, signal.SIGUSR1),
 ], ids=["sac-dmc", "stream_ac-gym", "drqv2-pixels"])
-def test_signal_stops_mid_episode_and_resume_is_exact(args, stop_step, signum, tmp_path):
-    reference = config.from_args(None, args + [f"run_dir={tmp_path / 'reference'}"])
-    train.train(reference, log=lambda m: None)
+def test_signal_stops_mid_episode_and_resume_is_exact(args, stop_step, signum, reference, tmp_path):
+    reference_dir = reference(args)
 
     run_dir = tmp_path / "stopped"
     cfg = config.from_args(None, args + [f"run_dir={run_dir}"])
@@ -101,15 +115,14 @@ def test_signal_stops_mid_episode_and_resume_is_exact(args, stop_step, signum, t
     assert any(k.startswith("episode/") for k in arrays)
 
     train.train(cfg, log=lambda m: None)  # the same command again: resumes and finishes
-    assert rows_without_timing(run_dir) == rows_without_timing(tmp_path / "reference")
+    assert rows_without_timing(run_dir) == rows_without_timing(reference_dir)
     assert runs.run_status(run_dir) == "finished" and not (run_dir / interrupt.MARKER).exists()
 
 
-def test_sigterm_at_a_random_moment_from_the_command_line(tmp_path):
+def test_sigterm_at_a_random_moment_from_the_command_line(reference, tmp_path):
     """The CLI as a scheduler drives it: SIGTERM at a random moment (exit 75, status interrupted), the
     same command again, and the metrics of an uninterrupted run."""
-    reference = config.from_args(None, SAC_ARGS + [f"run_dir={tmp_path / 'reference'}"])
-    train.train(reference, log=lambda m: None)
+    reference_dir = reference(SAC_ARGS)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "sparserl.cli", "train", *SAC_ARGS, f"run_dir={run_dir}"]
     env = {**os.environ, "MUJOCO_GL": "egl"}
@@ -122,7 +135,7 @@ def test_sigterm_at_a_random_moment_from_the_command_line(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     if proc.returncode == 0:  # finished before the signal: nothing to resume (rare on this small run)
-        assert rows_without_timing(run_dir) == rows_without_timing(tmp_path / "reference")
+        assert rows_without_timing(run_dir) == rows_without_timing(reference_dir)
         return
     assert proc.returncode == interrupt.EXIT_INTERRUPTED, err[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
@@ -131,7 +144,7 @@ def test_sigterm_at_a_random_moment_from_the_command_line(tmp_path):
     assert any(line.split()[0] == "run" and "interrupted" in line for line in listing.stdout.splitlines()[1:])
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert rows_without_timing(run_dir) == rows_without_timing(tmp_path / "reference")
+    assert rows_without_timing(run_dir) == rows_without_timing(reference_dir)
 
 
 def test_second_sigint_aborts_at_once():
@@ -168,5 +181,5 @@ def test_stop_before_the_first_step_writes_a_checkpoint_at_step_zero(tmp_path, c
     assert not (run_dir / "metrics.csv").exists() or len((run_dir / "metrics.csv").read_text().splitlines()) <= 1
     assert main(args) == 0
     steps = [r[0] for r in rows_without_timing(run_dir)[1:]]
-    assert steps == ["0", "700", "800"]
+    assert steps == ["0", "700", "800"]  # the step-0 row once
     assert "stopped by SIGUSR2 at env step 0" in capsys.readouterr().err
