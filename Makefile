@@ -6,7 +6,7 @@ export MUJOCO_GL ?= egl
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py sparserl/csrc/sparse_matmul.cc
 	bash scripts/system_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
