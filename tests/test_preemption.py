@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from sparserl import checkpoint, config, envs, interrupt, runs, train
+from sparserl import checkpoint, config, envs, interrupt, provenance, runs, sweep, train
 from sparserl.cli import main
 
 TIMING = ("steps_per_s", "wall_time")
@@ -117,6 +118,10 @@ def test_signal_stops_mid_episode_and_resume_is_exact(args, stop_step, signum, r
     train.train(cfg, log=lambda m: None)  # the same command again: resumes and finishes
     assert rows_without_timing(run_dir) == rows_without_timing(reference_dir)
     assert runs.run_status(run_dir) == "finished" and not (run_dir / interrupt.MARKER).exists()
+    sessions = provenance.read(run_dir)  # what produced the run: one entry per session
+    assert [x["event"] for x in sessions] == ["start", "resume"]
+    assert sessions[0]["versions"]["jax"] == jax.__version__ and sessions[0]["executor"] == "direct"
+    assert sessions[0]["device_kind"] and sessions[0]["host"] and sessions[0]["job_id"] is None
 
 
 def test_sigterm_at_a_random_moment_from_the_command_line(reference, tmp_path):
@@ -162,7 +167,7 @@ def test_stop_before_the_first_step_writes_a_checkpoint_at_step_zero(tmp_path, c
     """A signal during start-up (before the step-0 evaluation): checkpoint at step 0, exit 75; the rerun
     writes the step-0 row once."""
     run_dir = tmp_path / "early"
-    args = ["train", *SAC_ARGS, "env_steps=800", f"run_dir={run_dir}"]
+    args = ["train", *SAC_ARGS, "env_steps=400", f"run_dir={run_dir}"]
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     from sparserl import train as train_module
 
@@ -181,5 +186,12 @@ def test_stop_before_the_first_step_writes_a_checkpoint_at_step_zero(tmp_path, c
     assert not (run_dir / "metrics.csv").exists() or len((run_dir / "metrics.csv").read_text().splitlines()) <= 1
     assert main(args) == 0
     steps = [r[0] for r in rows_without_timing(run_dir)[1:]]
-    assert steps == ["0", "700", "800"]  # the step-0 row once
+    assert steps == ["0", "400"]  # the step-0 row once
     assert "stopped by SIGUSR2 at env step 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("share, fraction", [(0.25, "0.237"), (0.5, "0.475"), (1.0, None), (0.0, None)])
+def test_runs_sharing_a_gpu_get_a_capped_share_of_its_memory(share, fraction):
+    env = sweep._child_env("local", share)
+    assert env.get("XLA_PYTHON_CLIENT_MEM_FRACTION") == fraction
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and env["SPARSERL_EXECUTOR"] == "local"
