@@ -214,12 +214,15 @@ def stats(params: PyTree, mask: PyTree) -> dict[str, Any]:
 # gradient with the kept entries filled in, so the masked optimizer step is unchanged.
 
 COMPUTE_MODES = ("masked", "sparse", "auto")
-# ``auto``'s model (2-core AVX2 CPU, sparserl/csrc/sparse_matmul.cc vs XLA's dense matmul, batch 256,
-# fwd+bwd): the sparse kernel runs at ~1/4 of the dense matmul's FLOP rate per kept weight and pays a
-# fixed cost per call (FFI dispatch, transposes), so it wins where the kept fraction is well below 1/4
-# and the kernel is large enough; measured break-even near density 0.25-0.3 on 512-4096 wide layers.
-AUTO_MAX_DENSITY = 0.2
+# ``auto``'s model, from ``make bench`` (section sparse_compute) on the 2-core AVX2 CPU, whole SAC updates,
+# batch 256: sparse beat masked at critic width 512 and 1024 for S = 0.9 and 0.95 (1.7-2.5x; S = 0.8 at
+# width 1024: 1.07x) but lost at width 2048 (0.6-0.9x: its 2048x8192 kernels' activation panels spill
+# out of L2 and the dense passes of AdamW, Polyak and the gradient scatter grow with in x out). So auto
+# computes a kernel sparsely only inside the measured winning region: at most 1024x4096 entries, at
+# most 10% kept, and large enough that the fixed cost per call does not dominate.
+AUTO_MAX_DENSITY = 0.1
 AUTO_MIN_SIZE = 1 << 16  # in*out below this: masked (a dense product of this size takes microseconds)
+AUTO_MAX_SIZE = 1 << 22  # 1024 x 4096; larger kernels lost to masked on the benchmark machine
 
 
 class SparseKernel(NamedTuple):
@@ -260,7 +263,7 @@ def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
     if compute == "sparse":
         return True
     size = int(np.prod(shape))
-    return size >= AUTO_MIN_SIZE and nnz <= AUTO_MAX_DENSITY * size
+    return AUTO_MIN_SIZE <= size <= AUTO_MAX_SIZE and nnz <= AUTO_MAX_DENSITY * size
 
 
 def bind(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:

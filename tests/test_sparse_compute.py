@@ -190,6 +190,7 @@ def test_whole_updates_equal_masked_and_checkpoints_interchange(agent_name, make
 def test_auto_chooses_sparse_only_where_it_pays():
     assert sparsity.sparse_layer((1024, 4096), int(0.1 * 1024 * 4096), "auto")
     assert not sparsity.sparse_layer((1024, 4096), int(0.5 * 1024 * 4096), "auto")  # too dense to pay
+    assert not sparsity.sparse_layer((2048, 8192), int(0.05 * 2048 * 8192), "auto")  # measured slower: masked
     assert not sparsity.sparse_layer((16, 64), 100, "auto")                           # too small to pay
     assert not sparsity.sparse_layer((1024, 4096), 1000, "masked")
     assert sparsity.sparse_layer((16, 64), 100, "sparse")
