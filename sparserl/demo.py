@@ -65,7 +65,7 @@ def run(args: list[str]) -> Path:
     options, overrides = sweep.split_args(args)
     path = sweep.resolve_preset(PRESET)
     opts = sweep.parse_options(options, str(path))
-    sweep_dir = Path(options.get("sweep_dir") or Path("runs") / "demo" / opts["scale"])
+    sweep_dir = Path(options.get("sweep_dir") or Path("runs") / f"demo-{opts['scale']}")  # names the report
     grid = sweep.expand(path, opts["scale"], overrides)
     random = random_baselines(grid)
     tasks = ", ".join(f"{env} (a uniform random policy scores {ret:.0f}: mean of {RANDOM_EPISODES} episodes, "

@@ -55,5 +55,5 @@ def test_demo_runs_learn_far_above_random(tmp_path, capsys):
     text = capsys.readouterr().out
     finals = re.findall(r"final return ([\d.]+)\s+\([+-]\d+ vs random (\d+)\)", text)
     assert len(finals) == 4
-    # measured: 601-858 (width 64), where random actions held 8 steps score ~110
-    assert all(float(final) > float(bar) + 400 for final, bar in finals), finals
+    # measured: 537-829 (width 64, 50k env steps), where random actions held 8 steps score ~110
+    assert all(float(final) > float(bar) + 300 for final, bar in finals), finals

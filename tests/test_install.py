@@ -83,6 +83,11 @@ def _check_installed(tmp: Path, whole_tree: bool) -> None:
     preset = _run(venv, elsewhere, "inspect", "stream_ac", "--no-flops")  # a bundled run preset, by name
     assert preset.returncode == 0 and "stream_ac on gym:Hopper-v5" in preset.stdout, preset.stderr[-2000:]
     assert not any(elsewhere.iterdir())  # a dry run and an inspect write nothing
+    if whole_tree:  # the demo itself, at its plumbing-only scale, writes its runs and report here
+        run = _run(venv, elsewhere, "demo", "scale=smoke", "env_steps=1000", "warmup_steps=50", "eval_every=1000",
+                   "final_eval_episodes=1")
+        assert run.returncode == 0 and "headline (the report's)" in run.stdout, run.stderr[-2000:]
+        assert (elsewhere / "runs" / "demo-smoke" / "report" / "report.html").is_file()
 
 
 def test_wheel_installed_in_a_fresh_venv_has_its_presets(tmp_path):
