@@ -618,9 +618,6 @@ def _check_topology(cfg: Config) -> None:
         if cfg.agent == "stream_ac":
             raise ConfigError(f"{module}.topology={section.topology}: not supported by agent=stream_ac "
                               f"(replay agents only)")
-    if cfg.encoder.topology == "rigl":
-        raise ConfigError("encoder.topology=rigl: RigL's dense gradient is not implemented for the conv encoder; "
-                          "use encoder.topology=set or static")
     if not dynamic and cfg.topology != TopologyConfig():
         changed = next(f.name for f in dataclasses.fields(TopologyConfig)
                        if getattr(cfg.topology, f.name) != getattr(TopologyConfig(), f.name))

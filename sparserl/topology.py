@@ -198,7 +198,10 @@ def dense_grads(agent, state, batch, stats, key, cfg: Config) -> dict:
     def grad(fn, params):
         return jax.grad(lambda p: jax.vmap(fn, in_axes=(None, 0))(p, examples).mean())(params)
 
-    return {"actor": grad(actor_fn, state.actor.params), "critic": grad(critic_fn, state.critic.params)}
+    grads = {"actor": grad(actor_fn, state.actor.params), "critic": grad(critic_fn, state.critic.params)}
+    if "encoder" in state._fields and method(cfg, "encoder") == "rigl":  # DrQ-v2: through the critic's loss
+        grads["encoder"] = jax.grad(agent.encoder_loss(state, batch, stats, key, masked))(state.encoder.params)
+    return grads
 
 
 def update_state(agent, state, batch, stats, key, grad_step, cfg: Config):

@@ -243,6 +243,17 @@ def diagnostic_features(state: DrQv2State, batch: Batch) -> dict:
             "encoder": (capture, actor_in)}
 
 
+def encoder_loss(state: DrQv2State, batch: Batch, stats: ObsStats, key, cfg: Config):
+    """The critic's TD loss as a function of the encoder's parameters (the encoder is trained by it
+    alone), on un-augmented observations with the actor, critic and targets held fixed: the loss whose
+    dense gradient RigL regrows the encoder's kernels by."""
+    del stats
+    std = _train_std(state, cfg)
+    next_features = networks.conv_encoder(state.encoder.params, batch.next_obs)
+    target_q = td_targets(state, next_features, batch.reward, batch.discount, std, key, cfg)
+    return lambda enc_params: critic_loss_fn(enc_params, state.critic.params, batch.obs, batch.action, target_q)[0]
+
+
 def diagnostic_losses(state: DrQv2State, batch: Batch, stats: ObsStats, key, cfg: Config):
     """Per-example losses for gradient-interference probes (encoder held fixed, no augmentation)."""
     del stats
