@@ -240,7 +240,8 @@ def learn(state: State, s, a, r, s_next, done, cfg: Config) -> tuple[State, dict
         tx = make_optimizer(cfg, kappa, module.mask)
         updates, opt_state = tx.update(grads, module.opt_state, module.params, delta=delta)
         params = optax.apply_updates(module.params, updates)
-        return Module(params, obgd.reset_traces(opt_state, done > 0), module.mask)
+        # _replace: the module's other fields (its sparse-compute layouts) go through unchanged
+        return module._replace(params=params, opt_state=obgd.reset_traces(opt_state, done > 0))
 
     actor = ascend(state.actor, grad_pi, cfg.stream.kappa_policy)
     critic = ascend(state.critic, grad_v, cfg.stream.kappa_value)
