@@ -74,7 +74,8 @@ class StreamLoop:
     """One streaming run of one seed, from its first (or resumed) step to the end.
 
     :meth:`run` is the loop: act and learn from one transition, log a row every ``eval_every`` env
-    steps, checkpoint at an episode end every ``checkpoint_every`` env steps."""
+    steps, checkpoint every ``checkpoint_every`` env steps (mid-episode too, with the env's episode
+    state; at an episode end for an env that cannot save it), stop cleanly after a stop signal."""
 
     def __init__(self, cfg: Config, status: str, log: Callable[[str], None]):
         self.cfg, self.log, self.run_dir = cfg, log, cfg.resolved_run_dir

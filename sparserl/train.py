@@ -15,8 +15,10 @@ for every seed:
 4. **evaluate and log**: before the first step (env step 0: the untrained policy, as the reference)
    and every ``eval_every`` env steps, the deterministic policy on a separately seeded env, and a
    row to ``metrics.csv`` (flushed at once); diagnostics every ``diag_every`` env steps;
-5. **checkpoint** every ``checkpoint_every`` env steps, at the next step where every seed has just
-   ended an episode: everything needed to continue exactly (see :mod:`sparserl.seed`).
+5. **checkpoint** every ``checkpoint_every`` env steps, at that agent step (mid-episode: the envs save
+   their episode, see :meth:`sparserl.envs.Env.episode_state`; an env that cannot waits for every seed
+   to end an episode): everything needed to continue exactly (see :mod:`sparserl.seed`);
+6. **stop** cleanly after the step when a stop signal came (:mod:`sparserl.interrupt`).
 
 At the end: a final evaluation of ``final_eval_episodes`` episodes, a last checkpoint and
 ``summary.json``. What the run directory holds: :mod:`sparserl.rundir`.
