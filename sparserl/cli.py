@@ -95,7 +95,7 @@ REPORT_EPILOG = textwrap.dedent("""\
 
 DEMO_EPILOG = textwrap.dedent("""\
     examples:
-      sparserl demo                       # SAC learns cartpole-swingup, dense vs sparse, 2 seeds each (~3 min)
+      sparserl demo                       # SAC learns cartpole-swingup, dense vs sparse, 2 seeds each (~2 min)
       sparserl demo workers=1             # one run at a time
       sparserl demo scale=smoke           # plumbing only (nothing learns), about a minute
       sparserl demo sweep_dir=/tmp/demo
