@@ -342,6 +342,12 @@ def checkpoint_benchmark(presets: list[str], repeats: int = 2) -> list[dict]:
     return out
 
 
+def write_results(results: dict, path: str) -> None:
+    """``bench.json`` as measured so far: written after every section, so a kill keeps what was measured."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
@@ -384,8 +390,7 @@ def main() -> None:
         print(f"rendering 84x84 (MUJOCO_GL={pix['gl_backend']}): {pix['frames_per_s']['default']:.0f} frames/s default, "
               f"{pix['frames_per_s']['fast']:.0f} frames/s render.fast; drqv2 small: "
               f"{pix['train']['learning_agent_steps_per_s']:.1f} agent steps/s", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(results, args.out)
         if args.only_pixels:
             return
     print(f"{'critic':>8} {'params':>12} {'GFLOP/update':>13} {'updates/s':>10} {'GFLOP/s':>9} {'efficiency':>10} "
@@ -399,8 +404,7 @@ def main() -> None:
         results["updates"].append(r)
         print(f"{width:>8} {r['total_params']:>12,} {r['flops_per_update'] / 1e9:>13.2f} {r['updates_per_s']:>10.1f} "
               f"{r['achieved_gflops']:>9.1f} {r['efficiency']:>10.2f} {r['efficiency_own_shape']:>20.2f}", flush=True)
-        with open(args.out, "w") as f:  # incremental: a kill keeps what was measured
-            json.dump(results, f, indent=1)
+        write_results(results, args.out)
     default = results["updates"][0]
     if args.learn_seconds > 0:
         e2e = end_to_end(args.learn_seconds, default["updates_per_s"])
@@ -410,8 +414,7 @@ def main() -> None:
         shares = ", ".join(f"{k} {v:.1%}" for k, v in e2e["time_share"].items())
         print(f"end to end (humanoid-run, critic {default['critic_width']}): {e2e['agent_steps_per_s']:.2f} agent steps/s "
               f"= {e2e['ratio_to_flop_limited']:.2f} x FLOP-limited {e2e['flop_limited_agent_steps_per_s']:.2f}; {shares}")
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(results, args.out)
     if args.topology_widths:
         print("dynamic topology (SET, RigL on actor and critic at sparsity 0.9): one topology update vs one update call")
         results["topology"] = []
@@ -424,14 +427,12 @@ def main() -> None:
                       f"{m['ratio_to_update_call']:.1f} x an update call ({m['update_call_seconds'] * 1e3:.1f} ms, "
                       f"utd {args.utd}); every {m['every']} gradient steps: {m['overhead_at_every']:.2%} overhead",
                       flush=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            write_results(results, args.out)
     if args.sparse_widths:
         print("sparse compute (sparsity.compute=masked vs sparse, default SAC, actor and critic at S):")
         results["sparse_compute"] = sparse_compute(args.sparse_widths, args.sparse_sparsities, args.sparse_seconds,
                                                    args.sparse_learn_seconds)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(results, args.out)
     if args.seed_counts:
         print("vmapped seeds (default SAC):")
         results["seeds"] = seed_scaling(args.seed_counts, args.seconds)
@@ -444,13 +445,11 @@ def main() -> None:
             print(f"  width {width}: {r['total_params']:,} params, {r['flops_per_step'] / 1e6:.1f} MFLOP/step, "
                   f"{r['updates_per_s']:.0f} updates/s (jitted step alone), {r['agent_steps_per_s']:.0f} agent steps/s "
                   f"(loop with env)", flush=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            write_results(results, args.out)
     if args.checkpoint_presets:
         print("checkpoint writes (full replay buffer):")
         results["checkpoint_write"] = checkpoint_benchmark(args.checkpoint_presets)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(results, args.out)
     print(f"wrote {args.out}")
 
 

@@ -85,6 +85,14 @@ def mark(run_dir: Path, signum: int, agent_step: int, env_step: int) -> None:
     tmp.replace(Path(run_dir) / MARKER)
 
 
+def stopped(signum: int, agent_step: int, env_step: int, run_dirs: list[Path]) -> Interrupted:
+    """Record the stop in every run directory (the loops call this after their checkpoint) and return
+    the exception that ends the run."""
+    for run_dir in run_dirs:
+        mark(run_dir, signum, agent_step, env_step)
+    return Interrupted(signum, env_step, list(run_dirs))
+
+
 def unmark(run_dir: Path) -> None:
     (Path(run_dir) / MARKER).unlink(missing_ok=True)
 

@@ -30,16 +30,7 @@ import submitit
 from sparserl import interrupt, provenance
 from sparserl.config import ConfigError
 
-# The sweep keys of this executor (documented by `sparserl sweep --help`).
-KEYS = {
-    "slurm.partition": "partition (default: the cluster's default)",
-    "slurm.account": "account to charge (default: yours)",
-    "slurm.time": "time limit per job in minutes (default 1440); runs longer than this requeue and resume",
-    "slurm.mem_gb": "memory per job in GB (default 8)",
-    "slurm.parallelism": "array tasks running at once (default 64)",
-    "slurm.signal_lead": "seconds before the time limit that Slurm signals the job to checkpoint (default 180)",
-    "slurm.sbatch": "extra sbatch options, e.g. \"--qos=high --constraint=a100\"",
-}
+# Defaults of the numeric ``slurm.*`` sweep keys (documented in sweep.SWEEP_KEYS).
 DEFAULTS = {"slurm.time": 1440, "slurm.mem_gb": 8.0, "slurm.parallelism": 64, "slurm.signal_lead": 180}
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
                "SUSPENDED", "COMPLETING", "STAGE_OUT", "SIGNALING")
@@ -161,6 +152,13 @@ def describe(params: dict[str, Any], n_jobs: int) -> str:
     """What a dry run shows: the array and its sbatch options."""
     shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "name")
     return f"slurm: 1 job array of {n_jobs} task(s), {shown}"
+
+
+def queued_runs(sweep_dir: Path) -> frozenset[str]:
+    """The sweep's runs whose Slurm job (from its last submission) is still queued or running."""
+    ids = read_job_ids(sweep_dir)
+    live = live_jobs(sorted(set(ids.values())))
+    return frozenset(run for run, job_id in ids.items() if job_id in live)
 
 
 def live_jobs(job_ids: list[str]) -> dict[str, str]:

@@ -138,9 +138,7 @@ class StreamLoop:
             return
         if self.last_checkpoint != done:
             self.save(done)
-        env_step = done * self.cfg.action_repeat
-        interrupt.mark(self.run_dir, signum, done, env_step)
-        raise interrupt.Interrupted(signum, env_step, [self.run_dir])
+        raise interrupt.stopped(signum, done, done * self.cfg.action_repeat, [self.run_dir])
 
     def act_and_learn(self) -> None:
         """One env step with the action sampled after the previous update, then one jitted update."""

@@ -308,10 +308,7 @@ def dry_run_slurm(sweep: Sweep, sweep_dir: Path, opts: dict, out: Callable[[str]
 
     params = slurm.parameters(slurm.parse(opts["slurm_options"]), opts["cpus_per_run"], opts["gpus_per_run"])
     sweep_dir = sweep_dir.resolve()
-    ids = slurm.read_job_ids(sweep_dir)
-    live = slurm.live_jobs(sorted(set(ids.values()))) if ids else {}
-    queued = frozenset(run for run, job_id in ids.items() if job_id in live)
-    jobs, _ = plan(sweep, sweep_dir, bool(opts["group_seeds"]), opts["retry_failed"], queued)
+    jobs, _ = plan(sweep, sweep_dir, bool(opts["group_seeds"]), opts["retry_failed"], slurm.queued_runs(sweep_dir))
     out(slurm.describe(params, len(jobs)))
     for i, job in enumerate(jobs):
         out(f"  task {i}: {' '.join(job.command(sweep_dir))}  > {job.log}")
@@ -499,9 +496,7 @@ def execute(sweep: Sweep, sweep_dir: Path, executor: str = "local", workers: int
         from sparserl import slurm
 
         slurm_params = slurm.parameters(slurm.parse(slurm_options or {}), cpus_per_run, gpus_per_run)
-        ids = slurm.read_job_ids(sweep_dir)
-        live = slurm.live_jobs(sorted(set(ids.values())))
-        queued = frozenset(run for run, job_id in ids.items() if job_id in live)
+        queued = slurm.queued_runs(sweep_dir)
     jobs, skipped = plan(sweep, sweep_dir, group_seeds, retry_failed, queued)  # refuses occupied run dirs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep, sweep_dir)

@@ -269,9 +269,7 @@ class ReplayLoop:
         self.bar.set_postfix_str(f"{signal_name(signum)}: writing a checkpoint", refresh=True)
         if self.last_checkpoint != done:
             self.save_checkpoints(done)
-        for s in self.seeds:
-            interrupt.mark(s.run_dir, signum, done, done * self.cfg.action_repeat)
-        raise interrupt.Interrupted(signum, done * self.cfg.action_repeat, [s.run_dir for s in self.seeds])
+        raise interrupt.stopped(signum, done, done * self.cfg.action_repeat, [s.run_dir for s in self.seeds])
 
     # ------------------------------------------------------------------------------------------
     # Evaluation, diagnostics, resets, videos
