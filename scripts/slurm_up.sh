@@ -18,6 +18,13 @@ wait_for() {  # wait_for SECONDS COMMAND...: poll every 0.2 s
     for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
     return 1
 }
+# start_daemon NAME COMMAND...: in the background, detached from the caller's stdin/stdout/stderr. A plain
+# `alive pidfile || cmd &` would background the whole list in a subshell that keeps the caller's pipes open
+# until the daemon exits, so a caller reading our output (CI, the test fixture) waits forever.
+start_daemon() {
+    local name=$1; shift
+    nohup "$@" </dev/null >"$LOGS/$name.out" 2>&1 &
+}
 
 # munge: the authentication every Slurm daemon and client uses
 if [ ! -s /etc/munge/munge.key ]; then
@@ -25,16 +32,14 @@ if [ ! -s /etc/munge/munge.key ]; then
     chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
 fi
 install -d -o munge -g munge -m 0755 /run/munge
-alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
+alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged </dev/null >"$LOGS/munged.out" 2>&1
 wait_for 10 bash -c 'munge -n </dev/null | unmunge' || { echo "slurm_up: munge does not answer"; exit 1; }
 
 # accounting: MariaDB and slurmdbd
 [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql >/dev/null
 install -d -o mysql -g mysql /run/mysqld
-if ! mariadb-admin ping >/dev/null 2>&1; then
-    nohup /usr/sbin/mariadbd --user=mysql --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
-        >"$LOGS/mariadb.out" 2>&1 &
-fi
+mariadb-admin ping >/dev/null 2>&1 \
+    || start_daemon mariadb /usr/sbin/mariadbd --user=mysql --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900
 wait_for 30 mariadb-admin ping || { echo "slurm_up: MariaDB did not start (see $LOGS/mariadb.out)"; exit 1; }
 mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'sparserl';
             GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
@@ -52,7 +57,7 @@ StoragePass=sparserl
 StorageLoc=slurm_acct_db
 CONF
 chmod 600 /etc/slurm/slurmdbd.conf  # slurmdbd refuses a readable one
-alive /run/slurmdbd.pid || nohup slurmdbd -D >"$LOGS/slurmdbd.out" 2>&1 &
+alive /run/slurmdbd.pid || start_daemon slurmdbd slurmdbd -D
 wait_for 30 bash -c '(exec 3<>/dev/tcp/127.0.0.1/6819)' || { echo "slurm_up: slurmdbd did not start"; exit 1; }
 
 # the cluster: one node (this host, as slurmd -C sees it, with 3/4 of its memory) in one partition
@@ -99,9 +104,9 @@ Waittime=0
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-alive /run/slurmctld.pid || nohup slurmctld -D >"$LOGS/slurmctld.out" 2>&1 &
+alive /run/slurmctld.pid || start_daemon slurmctld slurmctld -D
 wait_for 30 bash -c 'scontrol ping | grep -q UP' || { echo "slurm_up: slurmctld did not start"; tail -5 "$LOGS/slurmctld.log"; exit 1; }
-alive /run/slurmd.pid || nohup slurmd -D >"$LOGS/slurmd.out" 2>&1 &
+alive /run/slurmd.pid || start_daemon slurmd slurmd -D
 wait_for 30 bash -c '[ "$(sinfo -h -o %T)" = idle ] || [ "$(sinfo -h -o %T)" = mixed ] || [ "$(sinfo -h -o %T)" = allocated ]' \
     || { echo "slurm_up: the node is not up: $(sinfo -h -o '%T %E')"; tail -5 "$LOGS/slurmd.log"; exit 1; }
 echo "slurm_up: one-node Slurm up ($host, $(sinfo -h -o '%c CPUs, %m MB'))"
