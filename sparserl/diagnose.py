@@ -34,6 +34,7 @@ from sparserl import (
     runs,
     sparsity,
 )
+from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats, normalize
 from sparserl.config import ConfigError
 
@@ -55,7 +56,7 @@ def load_run(run_dir: Path):
     action_dim = arrays["buffer/action"].shape[1]
     obs_dim = 1 if cfg.pixels else arrays["buffer/obs"].shape[1]  # pixels: the normaliser is unused
     agent = agents.get(cfg.agent)
-    state = checkpoint.unflatten_like(agent.init(cfg, obs_dim, action_dim), arrays, "state")
+    state = checkpoint.unflatten_like(common.dense_state(agent.init(cfg, obs_dim, action_dim)), arrays, "state")
     # diag_probe=fixed: the run's own set (or, before its first diagnostic, the one it would draw);
     # fresh: the set a diagnostic at the checkpoint's env step draws from the same buffer. Runs from
     # before diag_probe existed (no such key in config.yaml) had a fixed set.

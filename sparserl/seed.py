@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sparserl import agents, checkpoint, envs, preflight, replay, rundir
+from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import Config
 
@@ -88,7 +89,7 @@ def make_seeds(seed_cfgs: list[Config], log: Callable[[str], None]) -> list[Seed
 
 
 def save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
-    arrays = checkpoint.flatten_tree(state, "state")
+    arrays = checkpoint.flatten_tree(common.dense_state(state), "state")  # one format for every compute mode
     arrays.update(checkpoint.flatten_tree(sums, "metric_sums"))
     arrays.update({f"buffer/{k}": v for k, v in s.buffer.checkpoint_arrays().items()})
     arrays["normalizer/mean"], arrays["normalizer/var"] = s.normalizer.mean, s.normalizer.var
@@ -110,7 +111,7 @@ def save_seed(s: Seed, state, sums, agent_step: int, extra: dict) -> None:
 
 
 def restore_seed(s: Seed, arrays: dict, meta: dict, state_template, sums_template):
-    state = checkpoint.unflatten_like(state_template, arrays, "state")
+    state = common.stored_state(checkpoint.unflatten_like(common.dense_state(state_template), arrays, "state"), s.cfg)
     sums = checkpoint.unflatten_like(sums_template, arrays, "metric_sums")
     s.buffer.restore({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}, meta)
     s.normalizer.mean, s.normalizer.var = arrays["normalizer/mean"], arrays["normalizer/var"]

@@ -70,7 +70,9 @@ class SeedGroup:
         return state, accumulate(sums, metrics, self.agent.METRICS, first_step)
 
     def _rewire(self, state, batch, obs_stats, key, grad_step):
-        return topology.update_state(self.agent, state, batch, obs_stats, key, grad_step, self.cfg)
+        # masked-dense during the update (dense gradients, new masks), compact again after (new layouts)
+        state = topology.update_state(self.agent, common.dense_state(state), batch, obs_stats, key, grad_step, self.cfg)
+        return common.stored_state(state, self.cfg)
 
     def act(self, obs: np.ndarray, stats: list[ObsStats], step: int, deterministic: bool) -> np.ndarray:
         if self.vmapped:

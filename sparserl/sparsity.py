@@ -18,6 +18,7 @@ tensors are the scalar ``True`` (broadcasts, costs no memory).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import zlib
 from typing import Any, Iterable, NamedTuple
@@ -151,7 +152,15 @@ def make_mask(key: jax.Array, params: PyTree, sparsity: float, method: str = "er
 
 
 def apply_mask(tree: PyTree, mask: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, mask)
+    """Pruned entries set to 0. A leaf stored compact (:func:`is_compact`: kept values only) passes as is."""
+    return jax.tree_util.tree_map(
+        lambda x, m: x if is_compact(x, m) else jnp.where(m, x, jnp.zeros((), x.dtype)), tree, mask)
+
+
+def is_compact(x, m) -> bool:
+    """Whether parameter-shaped leaf ``x`` of a pruned kernel (mask leaf ``m``, >= 2-D) is stored compact:
+    its kept values only, one axis fewer than its mask (see "Sparse compute" below). Static: shapes only."""
+    return jnp.ndim(m) >= 2 and jnp.ndim(x) < jnp.ndim(m)
 
 
 def keep_masked(mask: PyTree) -> optax.GradientTransformation:
@@ -168,9 +177,12 @@ def keep_masked(mask: PyTree) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def kernels_only(params: PyTree) -> PyTree:
-    """Weight-decay mask: decay kernels, not biases or LayerNorm parameters."""
-    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+def kernels_only(params: PyTree, mask: PyTree | None = None) -> PyTree:
+    """Weight-decay mask: decay kernels, not biases or LayerNorm parameters (with ``mask``: kernels
+    stored compact, 1-D, count as kernels)."""
+    if mask is None:
+        return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+    return jax.tree_util.tree_map(lambda x, m: x.ndim >= 2 or is_compact(x, m), params, mask)
 
 
 def sparse_adamw(lr: float, weight_decay: float, mask: PyTree, decay_on: str = "all") -> optax.GradientTransformation:
@@ -180,7 +192,7 @@ def sparse_adamw(lr: float, weight_decay: float, mask: PyTree, decay_on: str = "
     ``optax.adamw`` without a mask does; ``'kernels'`` decays tensors with >= 2 dims only."""
     if decay_on not in ("all", "kernels"):
         raise ValueError(f"weight_decay_on={decay_on!r}: must be all or kernels")
-    decay_mask = kernels_only if decay_on == "kernels" else None
+    decay_mask = functools.partial(kernels_only, mask=mask) if decay_on == "kernels" else None
     return optax.chain(optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask), keep_masked(mask))
 
 
@@ -205,13 +217,17 @@ def stats(params: PyTree, mask: PyTree) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Sparse compute (``sparsity.compute``): which pruned kernels multiply with the kept weights only
 #
-# The parameters stay masked-dense in every mode (pruned entries exactly 0): checkpoints, diagnostics
-# and dynamic topologies see one format. A module also carries the :class:`sparse_kernel.Layout` of
-# each pruned 2-D kernel (:func:`layouts`, part of the agent state: stacked over seeds, checkpointed,
-# in every mode so that checkpoints are interchangeable between modes). :func:`bind` then hands the
-# networks a :class:`SparseKernel` — the kept values, gathered from the dense kernel, and the layout —
-# for each kernel the mode computes sparsely; autodiff through that gather returns the dense kernel's
-# gradient with the kept entries filled in, so the masked optimizer step is unchanged.
+# A module carries the :class:`sparse_kernel.Layout` of each pruned 2-D kernel (:func:`layouts`, part of
+# the agent state: stacked over seeds, checkpointed). A kernel that the mode computes sparsely is also
+# *stored* compact in the training state: the parameter leaf is its (K,) kept values in layout order,
+# and so are the optimizer's moments or traces and the target network's copy (:func:`to_storage`).
+# AdamW, Polyak averaging, ObGD's traces and the norms then cost what the kept weights cost, not the
+# dense in x out (at 10% kept they were the larger part of a sparse update), and the gradient of the
+# sparse product is the compact array itself: no dense gradient is ever written. Everything else
+# reads one format, masked-dense (pruned entries exactly 0): checkpoints, diagnostics, topology
+# updates convert with :func:`to_dense` (exact: only kept values move), so a checkpoint resumes in
+# any mode. :func:`bind` hands the networks a :class:`SparseKernel` for each compact leaf (and, for a
+# masked-dense leaf in a sparse mode, the kept values gathered from it, differentiably).
 
 COMPUTE_MODES = ("masked", "sparse", "auto")
 # ``auto``'s model, from ``make bench`` (section sparse_compute) on the 2-core AVX2 CPU, whole SAC updates,
@@ -267,16 +283,54 @@ def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
 
 
 def bind(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:
-    """``params`` with each kernel that ``compute`` multiplies sparsely replaced by a
-    :class:`SparseKernel` (what :func:`sparserl.networks.dense` computes with). Differentiable in
-    ``params``: the gradient of a bound kernel is dense, non-zero at kept positions only."""
+    """``params`` as the networks compute with them (:func:`sparserl.networks.dense`): a compact leaf
+    becomes a :class:`SparseKernel`; a masked-dense kernel that ``compute`` multiplies sparsely too (its
+    kept values gathered); every other leaf is unchanged. Differentiable in ``params``: a compact
+    leaf's gradient is compact, a dense one's is dense (non-zero at kept positions only)."""
     if compute not in COMPUTE_MODES:
         raise ValueError(f"sparsity.compute={compute!r}: must be one of {', '.join(COMPUTE_MODES)}")
-    if layout_tree is None or compute == "masked":
+    if layout_tree is None:
         return params
 
     def one(x, lay):
-        if lay is None or not sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute):
+        if lay is None:
+            return x
+        if x.ndim < lay.rows.ndim + 1:  # compact: (..., K) against the dense kernel's (..., in, out)
+            return SparseKernel(x, lay)
+        if not sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute):
             return x
         return SparseKernel(sparse_kernel.compact(x, lay), lay)
     return jax.tree_util.tree_map(one, params, layout_tree, is_leaf=lambda t: t is None)
+
+
+def _stores_compact(lay, x, compute: str) -> bool:
+    return lay is not None and x.ndim == lay.rows.ndim + 1 and sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute)
+
+
+def to_storage(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:
+    """The training-state form of masked-dense ``params`` under ``compute``: each kernel the mode
+    multiplies sparsely as its compact kept values (layout order), every other leaf as is. Pure;
+    shapes decide (so it runs under ``jit``/``vmap``); leaves already compact pass through."""
+    if layout_tree is None:
+        return params
+    return jax.tree_util.tree_map(
+        lambda x, lay: sparse_kernel.compact(x, lay) if _stores_compact(lay, x, compute) else x,
+        params, layout_tree, is_leaf=lambda t: t is None)
+
+
+def to_dense(params: PyTree, layout_tree: PyTree) -> PyTree:
+    """Masked-dense ``params``: compact leaves expanded (pruned entries exactly 0), others as is."""
+    if layout_tree is None:
+        return params
+    return jax.tree_util.tree_map(
+        lambda x, lay: sparse_kernel.expand(x, lay) if lay is not None and x.ndim < lay.rows.ndim + 1 else x,
+        params, layout_tree, is_leaf=lambda t: t is None)
+
+
+def map_params_like(tree: PyTree, params: PyTree, fn) -> PyTree:
+    """``fn`` applied to every subtree of ``tree`` (an optimizer state) shaped like ``params`` — the
+    moments of AdamW, the traces of ObGD — and nothing else."""
+    params_def = jax.tree_util.tree_structure(params)
+    is_params_like = lambda node: jax.tree_util.tree_structure(node) == params_def  # noqa: E731
+    return jax.tree_util.tree_map(lambda node: fn(node) if is_params_like(node) else node, tree,
+                                  is_leaf=is_params_like)

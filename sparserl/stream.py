@@ -202,7 +202,7 @@ class StreamLoop:
             self.log(f"[{run_dir.name}] no usable checkpoint; starting over")
             return False
         arrays, meta = loaded
-        state = checkpoint.unflatten_like(self.state, arrays, "state")
+        state = common.stored_state(checkpoint.unflatten_like(common.dense_state(self.state), arrays, "state"), cfg)
         sums = checkpoint.unflatten_like(self.sums, arrays, "metric_sums")
         self.env.set_rng_state(meta["env_rng"])
         self.start_step, self.wall_offset, self.timers = meta["agent_step"], meta["wall_time"], Timers(meta["timers"])
@@ -223,7 +223,7 @@ class StreamLoop:
         cfg = self.cfg
         host_sums = jax.device_get(self.sums)
         self.check_faults(host_sums, jax.device_get(self.norms_fn(self.state)), agent_step)  # never save a faulty state
-        arrays = checkpoint.flatten_tree(self.state, "state")
+        arrays = checkpoint.flatten_tree(common.dense_state(self.state), "state")  # one format for every mode
         arrays.update(checkpoint.flatten_tree(host_sums, "metric_sums"))
         if not self.needs_reset:
             arrays.update({f"episode/{k}": v for k, v in self.env.episode_state().items()})

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparserl import agents, checkpoint, envs, interrupt, loggers, probe, provenance, rundir, runs, seed
+from sparserl.agents import common
 from sparserl.agents.common import fresh_sums
 from sparserl.config import Config, ConfigError, to_yaml
 from sparserl.rundir import Timers
@@ -327,8 +328,8 @@ class ReplayLoop:
             else:  # fresh: from (seed, env_step) alone, so a resumed run draws the same
                 probe_set = probe.draw_probe_set(s.buffer, cfg.diag_probe_size, s.cfg.seed, env_step)
             key = jax.random.fold_in(jax.random.PRNGKey(envs.derive_seed(s.cfg.seed, 5)), env_step)
-            scalars, cosines = probe.measure(self.group.state(i), probe_set, s.obs_stats(), key, self.cfg0,
-                                             cfg.diag_grad_samples)
+            state = common.dense_state(self.group.state(i))  # diagnostics read masked-dense parameters
+            scalars, cosines = probe.measure(state, probe_set, s.obs_stats(), key, self.cfg0, cfg.diag_grad_samples)
             write_diagnostics(s, env_step, scalars, cosines)
             for logger in self.live[i]:
                 logger.log_scalars(env_step, scalars, "diagnostics")

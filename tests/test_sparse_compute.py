@@ -158,10 +158,20 @@ def test_whole_updates_equal_masked_and_checkpoints_interchange(agent_name, make
     masked = make_config(**base, **{"sparsity.compute": "masked"})
     sparse = make_config(**base, **{"sparsity.compute": "sparse"})
     state0 = agents.get(agent_name).init(masked, obs_dim, action_dim)
-    assert jax.tree_util.tree_structure(state0) == jax.tree_util.tree_structure(
-        agents.get(agent_name).init(sparse, obs_dim, action_dim))  # one state format for every mode
+    sparse0 = agents.get(agent_name).init(sparse, obs_dim, action_dim)
+    # sparse mode stores the pruned kernels compact: the parameters, AdamW's moments and the target
+    # critic all hold the kept values only; masked-dense again, they are the masked-mode state exactly
+    compact = [x for x, m in zip(jax.tree_util.tree_leaves(sparse0.critic.params),
+                                 jax.tree_util.tree_leaves(sparse0.critic.mask)) if sparsity.is_compact(x, m)]
+    assert compact and all(x.ndim == 1 for x in compact)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(sparse0.target)) < 0.5 * sum(
+        x.size for x in jax.tree_util.tree_leaves(state0.target))
+    for a, b in zip(jax.tree_util.tree_leaves(common.dense_state(sparse0)), jax.tree_util.tree_leaves(state0)):
+        np.testing.assert_array_equal(a, b)
+    assert sparse0.critic.params["q0"]["encoder"]["block0"]["hidden"]["kernel"].ndim == 1
     ref, ref_metrics = _run(agent_name, masked, state0, steps, obs_dim, action_dim, stats)
-    out, out_metrics = _run(agent_name, sparse, state0, steps, obs_dim, action_dim, stats)
+    out, out_metrics = _run(agent_name, sparse, sparse0, steps, obs_dim, action_dim, stats)
+    out = common.dense_state(out)
     for a, b in zip(jax.tree_util.tree_leaves(_kept_view(ref)), jax.tree_util.tree_leaves(_kept_view(out))):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -175,13 +185,17 @@ def test_whole_updates_equal_masked_and_checkpoints_interchange(agent_name, make
             if jnp.ndim(m) == 2:
                 assert np.all(np.asarray(x)[~np.asarray(m)] == 0.0)
     # a checkpoint written in sparse mode resumes in masked mode (and back): same arrays, same names
-    half, _ = _run(agent_name, sparse, state0, 2, obs_dim, action_dim, stats)
-    checkpoint.save(tmp_path, 2, checkpoint.flatten_tree(half, "state"), {})
-    arrays, _ = checkpoint.load(tmp_path, 2)
-    resumed = checkpoint.unflatten_like(state0, arrays, "state")
-    tails = [_run(agent_name, masked, resumed, 2, obs_dim, action_dim, stats, first=2)[0]]
+    # (checkpoints hold the masked-dense form, as the training loops write it)
+    def save_load(state, directory):
+        checkpoint.save(directory, 2, checkpoint.flatten_tree(common.dense_state(state), "state"), {})
+        arrays, _ = checkpoint.load(directory, 2)
+        return checkpoint.unflatten_like(state0, arrays, "state")
+
+    half, _ = _run(agent_name, sparse, sparse0, 2, obs_dim, action_dim, stats)
+    tails = [_run(agent_name, masked, save_load(half, tmp_path / "a"), 2, obs_dim, action_dim, stats, first=2)[0]]
     half_masked, _ = _run(agent_name, masked, state0, 2, obs_dim, action_dim, stats)
-    tails.append(_run(agent_name, sparse, half_masked, 2, obs_dim, action_dim, stats, first=2)[0])
+    resumed = common.stored_state(save_load(half_masked, tmp_path / "b"), sparse)
+    tails.append(common.dense_state(_run(agent_name, sparse, resumed, 2, obs_dim, action_dim, stats, first=2)[0]))
     for tail in tails:
         for a, b in zip(jax.tree_util.tree_leaves(ref.critic.params), jax.tree_util.tree_leaves(tail.critic.params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

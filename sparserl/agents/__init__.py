@@ -7,7 +7,7 @@ instead of ``update`` (see :mod:`sparserl.stream`). Their states hold ``actor`` 
 from types import ModuleType
 
 from sparserl import sparsity
-from sparserl.agents import ddpg, drqv2, sac, stream_ac
+from sparserl.agents import common, ddpg, drqv2, sac, stream_ac
 
 AGENTS: dict[str, ModuleType] = {"sac": sac, "ddpg": ddpg, "drqv2": drqv2}  # replay agents: batched ``update``
 STREAMING: dict[str, ModuleType] = {"stream_ac": stream_ac}  # one transition per ``step``
@@ -28,9 +28,9 @@ def policy_params(state):
     """The parameters ``act`` needs: the actor's, or for drqv2 its encoder's and actor's."""
     if hasattr(state, "encoder"):
         return drqv2.policy_params(state)
-    return state.actor.params
+    return common.bound(state.actor)
 
 
 def model_stats(state) -> dict:
     """Per module: total and non-zero parameters and per-tensor sparsity (``model.json``)."""
-    return {name: sparsity.stats(m.params, m.mask) for name, m in modules(state).items()}
+    return {name: sparsity.stats(m.params, m.mask) for name, m in modules(common.dense_state(state)).items()}

@@ -55,13 +55,48 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
     params = sparsity.apply_mask(params, mask)
     tx = make_optimizer(mask) if make_optimizer else optimizer(cfg, mask)
     tracking = topology.init_tracking(mask) if topology.method(cfg, name) != "static" else None
-    return Module(params, tx.init(params), mask, tracking, sparsity.layouts(params, mask))
+    layout = sparsity.layouts(params, mask)
+    params = sparsity.to_storage(params, layout, cfg.sparsity.compute)
+    return Module(params, tx.init(params), mask, tracking, layout)
 
 
 def bind(cfg: Config, params, module: Module):
     """``params`` (the module's own, or a copy such as the target critic or the argument of a loss being
     differentiated) as the networks compute with them under ``sparsity.compute``."""
     return sparsity.bind(params, module.layout, cfg.sparsity.compute)
+
+
+def bound(module: Module):
+    """A module's own parameters as the networks compute with them outside the update (acting): compact
+    kernels paired with their layouts (sparse products); masked-dense ones as they are."""
+    return sparsity.bind(module.params, module.layout, "masked")
+
+
+def dense_state(state):
+    """An agent state in the one format outside training: every compact leaf (parameters, optimizer
+    moments or traces, the target critic) expanded masked-dense. Checkpoints, diagnostics and topology
+    updates read this; exact (only kept values move)."""
+    return _convert_storage(state, lambda tree, module: sparsity.to_dense(tree, module.layout))
+
+
+def stored_state(state, cfg: Config):
+    """The training form of an agent state (its inverse): kernels that ``sparsity.compute`` multiplies
+    sparsely stored compact. A masked-dense state in, whichever mode wrote it."""
+    compute = cfg.sparsity.compute
+    return _convert_storage(state, lambda tree, module: sparsity.to_storage(tree, module.layout, compute))
+
+
+def _convert_storage(state, convert):
+    new = {}
+    for name in state._fields:
+        module = getattr(state, name)
+        if isinstance(module, Module):
+            new[name] = module._replace(
+                params=convert(module.params, module),
+                opt_state=sparsity.map_params_like(module.opt_state, module.params, lambda t, m=module: convert(t, m)))
+    if "target" in state._fields:  # every replay agent's target is a copy of its critic's parameters
+        new["target"] = convert(state.target, state.critic)
+    return state._replace(**new)
 
 
 def global_norm(tree) -> jax.Array:
@@ -78,7 +113,9 @@ def masked_global_norm(tree, mask) -> jax.Array:
     equivalent ``sum(where(m, g*g, 0))`` writes and reads one more f32 array per kernel)."""
     total = jnp.zeros((), jnp.float32)
     for x, m in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(mask)):
-        if jnp.ndim(m) == 0:
+        if sparsity.is_compact(x, m):  # kept values only
+            total = total + jnp.vdot(x, x)
+        elif jnp.ndim(m) == 0:
             total = total + jnp.where(m, jnp.vdot(x, x), 0)
         else:
             total = total + jnp.vdot(jnp.where(m, x, jnp.zeros((), x.dtype)), x)

@@ -106,7 +106,7 @@ def init(cfg: Config, obs_dim: int, action_dim: int) -> DrQv2State:
 
 def policy_params(state: DrQv2State) -> dict:
     """What :func:`act` needs: the encoder's and the actor's parameters."""
-    return {"encoder": state.encoder.params, "actor": state.actor.params}
+    return {"encoder": state.encoder.params, "actor": common.bound(state.actor)}
 
 
 def schedule_std(cfg: Config, agent_step) -> jax.Array:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparserl import obgd, sparsity
+from sparserl import networks, obgd, sparsity
+from sparserl.agents import common
 from sparserl.agents.common import Module, init_module
 from sparserl.config import Config
 
@@ -72,11 +73,19 @@ def layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
 
 
+def linear(p: dict, x: jax.Array) -> jax.Array:
+    """``x @ kernel + bias``. A kernel bound for sparse compute (``common.bind``) multiplies its kept
+    weights only (:func:`sparserl.networks.dense`); a masked-dense one is the plain product (batch 1:
+    none of the batched matmul's backend choices apply)."""
+    if isinstance(p["kernel"], sparsity.SparseKernel):
+        return networks.dense(p, x)
+    return x @ p["kernel"] + p["bias"]
+
+
 def trunk(params: dict, x: jax.Array) -> jax.Array:
     i = 0
     while f"layer{i}" in params:
-        p = params[f"layer{i}"]
-        x = jax.nn.leaky_relu(layer_norm(x @ p["kernel"] + p["bias"]), 0.01)
+        x = jax.nn.leaky_relu(layer_norm(linear(params[f"layer{i}"], x)), 0.01)
         i += 1
     return x
 
@@ -84,14 +93,11 @@ def trunk(params: dict, x: jax.Array) -> jax.Array:
 def policy(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gaussian policy: mean and std (softplus)."""
     h = trunk(params, x)
-    mu = h @ params["mu"]["kernel"] + params["mu"]["bias"]
-    std = jax.nn.softplus(h @ params["std"]["kernel"] + params["std"]["bias"])
-    return mu, std
+    return linear(params["mu"], h), jax.nn.softplus(linear(params["std"], h))
 
 
 def value(params: dict, x: jax.Array) -> jax.Array:
-    h = trunk(params, x)
-    return (h @ params[VALUE_HEAD]["kernel"] + params[VALUE_HEAD]["bias"])[..., 0]
+    return linear(params[VALUE_HEAD], trunk(params, x))[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ def act(actor_params, x: jax.Array, key, deterministic: bool = False, cfg: Confi
 
 
 def _sample(state: State, x: jax.Array) -> jax.Array:
-    return act(state.actor.params, x, jax.random.fold_in(state.key, state.step))
+    return act(common.bound(state.actor), x, jax.random.fold_in(state.key, state.step))
 
 
 def begin(state: State, obs_raw: jax.Array, cfg: Config, time_limit: int) -> tuple[State, jax.Array]:
@@ -225,12 +231,15 @@ def gaussian_entropy(std):
 
 def learn(state: State, s, a, r, s_next, done, cfg: Config) -> tuple[State, dict]:
     """One Stream AC(λ) update on the transition ``(s, a, r, s')`` (``r`` already scaled)."""
-    v, grad_v = jax.value_and_grad(value)(state.critic.params, s)
-    v_next = value(state.critic.params, s_next)
+    def value_of(params, x):
+        return value(common.bind(cfg, params, state.critic), x)
+
+    v, grad_v = jax.value_and_grad(value_of)(state.critic.params, s)
+    v_next = value_of(state.critic.params, s_next)
     delta = jax.lax.stop_gradient(r + cfg.gamma * (1.0 - done) * v_next - v)
 
     def actor_objective(params):
-        mu, std = policy(params, s)
+        mu, std = policy(common.bind(cfg, params, state.actor), s)
         entropy = gaussian_entropy(std).sum()
         return gaussian_log_prob(a, mu, std).sum() + cfg.stream.entropy_coef * jnp.sign(delta) * entropy, entropy
 
