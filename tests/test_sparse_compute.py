@@ -201,6 +201,64 @@ def test_whole_updates_equal_masked_and_checkpoints_interchange(agent_name, make
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_stream_ac_steps_equal_masked():
+    """Stream AC(λ) at batch 1: sparse mode (compact parameters and ObGD traces) steps as masked mode
+    does, through an episode end (traces reset), for every module and trace."""
+    from sparserl.agents import stream_ac
+
+    obs_dim, action_dim, time_limit = 5, 2, 50
+    states, rng = {}, np.random.default_rng(0)
+    transitions = [np.concatenate([rng.normal(size=obs_dim), [rng.normal(), float(i == 7), 0.0]]).astype(np.float32)
+                   for i in range(12)]
+    first_obs = jnp.asarray(rng.normal(size=obs_dim), jnp.float32)
+    for compute in ("masked", "sparse"):
+        cfg = config.build({"agent": "stream_ac", "action_repeat": 1, "actor.width": 48, "critic.width": 48,
+                            "actor.sparsity": 0.9, "critic.sparsity": 0.8, "sparsity.compute": compute,
+                            "progress": False}, check_env=False)
+        step = jax.jit(lambda s, tr, cfg=cfg: stream_ac.step(s, tr, cfg, time_limit))
+        state, _ = jax.jit(lambda s, o, cfg=cfg: stream_ac.begin(s, o, cfg, time_limit))(
+            stream_ac.init(cfg, obs_dim, action_dim), first_obs)
+        if compute == "sparse":
+            kernel = state.critic.params["layer1"]["kernel"]
+            assert kernel.ndim == 1 and kernel.size == int(np.asarray(state.critic.mask["layer1"]["kernel"]).sum())
+        for tr in transitions:
+            state, _, _ = step(state, jnp.asarray(tr))
+        states[compute] = common.dense_state(state)
+    for a, b in zip(jax.tree_util.tree_leaves(states["masked"]), jax.tree_util.tree_leaves(states["sparse"])):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_topology_update_of_a_compact_state_equals_the_masked_one():
+    """RigL through the SeedGroup: the compact training state goes masked-dense for the update (dense
+    gradients, new masks) and compact again under the new layouts; masks and weights equal masked mode's."""
+    from sparserl.agents import sac
+    from sparserl.seedgroup import SeedGroup
+
+    obs_dim, action_dim = 6, 2
+    stats = common.ObsStats(jnp.zeros(obs_dim), jnp.ones(obs_dim))
+    batches = _batch(jax.random.PRNGKey(3), 16, obs_dim, action_dim)
+    groups = {}
+    for compute in ("masked", "sparse"):
+        cfg = config.build({"critic.width": 32, "critic.blocks": 1, "actor.width": 16, "batch_size": 16, "utd": 1,
+                            "critic.sparsity": 0.9, "actor.sparsity": 0.8, "critic.topology": "rigl",
+                            "topology.drop_fraction": 0.3, "sparsity.compute": compute}, check_env=False)
+        group = SeedGroup(sac, cfg, [cfg], [sac.init(cfg, obs_dim, action_dim)], vmapped=False)
+        group.learn([batches], [stats], 0)
+        group.rewire([batches], [stats], 10)
+        group.learn([batches], [stats], 11)  # trains through the new layouts
+        groups[compute] = common.dense_state(group.states[0])
+    masked, sparse = groups["masked"], groups["sparse"]
+    for a, b in zip(jax.tree_util.tree_leaves(masked.critic.mask), jax.tree_util.tree_leaves(sparse.critic.mask)):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
+        jax.tree_util.tree_leaves(masked.critic.mask), jax.tree_util.tree_leaves(masked.critic.tracking.ever_active)))
+    for a, b in zip(jax.tree_util.tree_leaves(masked.critic.params), jax.tree_util.tree_leaves(sparse.critic.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_chooses_sparse_only_where_it_pays():
     assert sparsity.sparse_layer((1024, 4096), int(0.1 * 1024 * 4096), "auto")
     assert not sparsity.sparse_layer((1024, 4096), int(0.5 * 1024 * 4096), "auto")  # too dense to pay

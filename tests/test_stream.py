@@ -297,9 +297,11 @@ def tiny_envs():
         del gymnasium.envs.registry[env_id]
 
 
-def test_run_directory_contract_checkpoints_and_exact_resume(tiny_envs, tmp_path):
+@pytest.mark.parametrize("compute", ["masked", "sparse"])
+def test_run_directory_contract_checkpoints_and_exact_resume(tiny_envs, tmp_path, compute):
+    """In both compute modes (sparse: the critic's kernels stored compact, checkpointed masked-dense)."""
     args = [f"env={tiny_envs['SparserlStreamTiny-v0']}", "env_steps=1200", "eval_every=200", "checkpoint_every=300",
-            "keep_checkpoints=10", "init=sparse_init", "critic.sparsity=0.5"]
+            "keep_checkpoints=10", "init=sparse_init", "critic.sparsity=0.5", f"sparsity.compute={compute}"]
     ref = tmp_path / "ref"
     cfg = stream_config(**dict(a.split("=") for a in args), run_dir=str(ref))
     summary = train.train(cfg, log=lambda m: None)
