@@ -167,6 +167,58 @@ def sparse_update_rate(width: int, sparsity: float, compute: str, seconds: float
     return timed(step, seconds)
 
 
+def memory_bandwidth_gbs(seconds: float) -> float:
+    """Read + write GB/s of a 256 MB array copy (``x + 1``): the memory bound of a streaming pass."""
+    x = jnp.zeros(64 << 20, jnp.float32)
+    add = jax.jit(lambda x: x + 1.0)
+    return timed(lambda: add(x).block_until_ready(), seconds) * 2 * x.nbytes / 1e9
+
+
+def kernel_timings(width: int, sparsity: float, batch: int, seconds: float) -> list[dict]:
+    """Per kernel of a SimBa block at ``width`` (H x 4H, 4H x H), batch ``batch``: seconds of the dense
+    product and its two gradients (XLA) vs the sparse kernel's forward and backward (input and weight
+    gradients), the GFLOP/s each achieves on its useful FLOPs (2 x batch x entries per product: dense
+    entries for XLA, kept ones for the kernel) and the memory floor of the sparse calls (the bytes they
+    must read and write at the measured bandwidth)."""
+    from sparserl import sparse_kernel
+
+    out, bandwidth = [], memory_bandwidth_gbs(seconds)
+    for shape in ((width, 4 * width), (4 * width, width)):
+        k_mask, k_w, k_x = jax.random.split(jax.random.PRNGKey(shape[0]), 3)
+        n = int(round((1 - sparsity) * shape[0] * shape[1]))
+        order = jax.random.permutation(k_mask, shape[0] * shape[1])
+        mask = jnp.zeros(shape[0] * shape[1], bool).at[order[:n]].set(True).reshape(shape)
+        kernel = jax.random.normal(k_w, shape) * mask
+        lay = sparse_kernel.layout(mask, n)
+        values = sparse_kernel.compact(kernel, lay)
+        x = jax.random.normal(k_x, (batch, shape[0]))
+        g = jnp.ones((batch, shape[1]))
+        dense_fwd = jax.jit(lambda k, x: x @ k)
+        dense_bwd = jax.jit(lambda k, x: jax.vjp(lambda k, x: x @ k, k, x)[1](g))
+        sparse_fwd = jax.jit(lambda v, x: sparse_kernel.matmul(v, lay, x))
+        sparse_bwd = jax.jit(lambda v, x: jax.vjp(lambda v, x: sparse_kernel.matmul(v, lay, x), v, x)[1](g))
+        t = {name: 1.0 / timed(lambda f=f, a=a: jax.block_until_ready(f(*a)), seconds)
+             for name, f, a in (("dense_forward", dense_fwd, (kernel, x)), ("dense_backward", dense_bwd, (kernel, x)),
+                                ("sparse_forward", sparse_fwd, (values, x)), ("sparse_backward", sparse_bwd, (values, x)))}
+        dense_flops, sparse_flops = 2 * batch * shape[0] * shape[1], 2 * batch * n
+        # forward: values + row indices + column pointers + x in, y out; backward: twice the index
+        # arrays (CSC and CSR), x and g in, dx and dvalues out
+        fwd_bytes = 8 * n + 4 * batch * (shape[0] + shape[1])
+        bwd_bytes = 4 * n * 5 + 4 * batch * (2 * shape[0] + shape[1])
+        out.append({
+            "shape": list(shape), "batch": batch, "sparsity": sparsity, "kept": n, **{f"{k}_s": v for k, v in t.items()},
+            "dense_forward_gflops": dense_flops / t["dense_forward"] / 1e9,
+            "dense_backward_gflops": 2 * dense_flops / t["dense_backward"] / 1e9,
+            "sparse_forward_gflops": sparse_flops / t["sparse_forward"] / 1e9,
+            "sparse_backward_gflops": 2 * sparse_flops / t["sparse_backward"] / 1e9,
+            "sparse_forward_memory_floor_s": fwd_bytes / bandwidth / 1e9,
+            "sparse_backward_memory_floor_s": bwd_bytes / bandwidth / 1e9,
+            "forward_speedup": t["dense_forward"] / t["sparse_forward"],
+            "backward_speedup": t["dense_backward"] / t["sparse_backward"],
+            "memory_bandwidth_gbs": bandwidth})
+    return out
+
+
 def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, learn_seconds: float) -> dict:
     """masked vs sparse compute, in one process (so the ratios hold on a busy machine)."""
     from sparserl import sparse_kernel

@@ -133,8 +133,12 @@ def compile_command(output: str | Path) -> list[str]:
 
 
 def _built_library() -> Path | None:
+    """The library the package's build put beside this file, unless the source is newer (an editable
+    install whose kernel source changed since: the first-use build then compiles the current one)."""
     found = sorted(glob.glob(str(Path(__file__).parent / f"{LIBRARY_STEM}*.so")))
-    return Path(found[0]) if found else None
+    if not found or Path(found[0]).stat().st_mtime < SOURCE.stat().st_mtime:
+        return None
+    return Path(found[0])
 
 
 def _cached_library() -> Path:

@@ -25,6 +25,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -244,29 +248,81 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer c
 }
 
 // dv[k] (+)= <x panel row rows[k], g panel row j> for the entries of columns [j0, j1).
-void WeightGradBlock(const float* xp, const float* gp, int64_t chunk, const int32_t* col_ptr,
-                     const int32_t* rows, int64_t j0, int64_t j1, bool accumulate, float* dv) {
+//
+// Column j's gradient row stays in registers (NV vectors); its kept entries go eight at a time, each
+// with its own accumulator (eight independent FMA chains, x read as memory operands), and the eight
+// accumulators are reduced together into one vector of eight sums (a transposing add tree: one
+// reduction step per entry instead of a horizontal sum each).
+
+inline vec SumLanes8(const vec (&acc)[8]) {
+#if defined(__AVX__)
+  __m256 t0 = _mm256_hadd_ps((__m256)acc[0], (__m256)acc[1]);
+  __m256 t1 = _mm256_hadd_ps((__m256)acc[2], (__m256)acc[3]);
+  __m256 t2 = _mm256_hadd_ps((__m256)acc[4], (__m256)acc[5]);
+  __m256 t3 = _mm256_hadd_ps((__m256)acc[6], (__m256)acc[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1);  // lanes: sums of acc 0-3 over lanes 0-3, then over lanes 4-7
+  __m256 u1 = _mm256_hadd_ps(t2, t3);
+  __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  return (vec)sums;
+#else
+  vec out;
+  for (int i = 0; i < 8; ++i) {
+    float total = 0;
+    for (int64_t l = 0; l < kLanes; ++l) total += acc[i][l];
+    out[i] = total;
+  }
+  return out;
+#endif
+}
+
+inline float SumLanes(vec a) {
+  float total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += a[l];
+  return total;
+}
+
+template <int64_t NV>
+void WeightGradBlock(const float* xp, const float* gp, const int32_t* col_ptr, const int32_t* rows, int64_t j0,
+                     int64_t j1, bool accumulate, float* dv) {
+  constexpr int64_t chunk = NV * kLanes;
   for (int64_t j = j0; j < j1; ++j) {
-    const float* gj = gp + j * chunk;
-    for (int32_t k = col_ptr[j]; k < col_ptr[j + 1]; ++k) {
-      const float* xi = xp + static_cast<int64_t>(rows[k]) * chunk;
-      float total;
-      if (chunk == 1) {
-        total = xi[0] * gj[0];
-      } else {
-        vec acc[2] = {};
-        for (int64_t b = 0; b < chunk; b += 2 * kLanes) {
-          acc[0] += *reinterpret_cast<const vec*>(xi + b) * *reinterpret_cast<const vec*>(gj + b);
-          if (b + kLanes < chunk)
-            acc[1] += *reinterpret_cast<const vec*>(xi + b + kLanes) * *reinterpret_cast<const vec*>(gj + b + kLanes);
-        }
-        vec s = acc[0] + acc[1];
-        total = 0;
-        for (int64_t l = 0; l < kLanes; ++l) total += s[l];
+    vec g[NV];
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < NV; ++v) g[v] = *reinterpret_cast<const vec*>(gp + j * chunk + v * kLanes);
+    int32_t k = col_ptr[j];
+    const int32_t end = col_ptr[j + 1];
+    for (; k + 8 <= end; k += 8) {
+      const vec* x[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) x[i] = reinterpret_cast<const vec*>(xp + static_cast<int64_t>(rows[k + i]) * chunk);
+      vec acc[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i] = g[0] * x[i][0];
+#pragma GCC unroll 8
+      for (int64_t v = 1; v < NV; ++v) {
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) acc[i] += g[v] * x[i][v];
       }
+      vec sums = SumLanes8(acc);
+      vec* out = reinterpret_cast<vec*>(dv + k);  // vec is 4-byte aligned: an unaligned store
+      *out = accumulate ? *out + sums : sums;
+    }
+    for (; k < end; ++k) {
+      const vec* xi = reinterpret_cast<const vec*>(xp + static_cast<int64_t>(rows[k]) * chunk);
+      vec a = g[0] * xi[0];
+#pragma GCC unroll 8
+      for (int64_t v = 1; v < NV; ++v) a += g[v] * xi[v];
+      float total = SumLanes(a);
       dv[k] = accumulate ? dv[k] + total : total;
     }
   }
+}
+
+// Batch 1: one product per kept entry.
+void WeightGradScalar(const float* x, const float* g, const int32_t* col_ptr, const int32_t* rows, int64_t j0,
+                      int64_t j1, float* dv) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int32_t k = col_ptr[j]; k < col_ptr[j + 1]; ++k) dv[k] = x[rows[k]] * g[j];
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
@@ -299,7 +355,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
       const float* xpanel = xp + (b0 / chunk) * in * chunk;
       const float* gpanel = gp + (b0 / chunk) * out * chunk;
       ParallelFor(pool, blocks, [&](int64_t blk) {
-        WeightGradBlock(xpanel, gpanel, chunk, cp, r, blk * kBlock, std::min(out, (blk + 1) * kBlock), b0 > 0, dvi);
+        const int64_t j0 = blk * kBlock, j1 = std::min(out, (blk + 1) * kBlock);
+        switch (chunk) {
+          case 1: return WeightGradScalar(xpanel, gpanel, cp, r, j0, j1, dvi);
+          case 8: return WeightGradBlock<1>(xpanel, gpanel, cp, r, j0, j1, b0 > 0, dvi);
+          case 16: return WeightGradBlock<2>(xpanel, gpanel, cp, r, j0, j1, b0 > 0, dvi);
+          case 32: return WeightGradBlock<4>(xpanel, gpanel, cp, r, j0, j1, b0 > 0, dvi);
+          default: return WeightGradBlock<8>(xpanel, gpanel, cp, r, j0, j1, b0 > 0, dvi);
+        }
       }, nnz * chunk);
     }
   }
