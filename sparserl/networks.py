@@ -35,8 +35,10 @@ def init_dense(key, in_dim: int, out_dim: int, kernel_init=None) -> dict:
 def dense(p: dict, x: jax.Array) -> jax.Array:
     """``x @ kernel + bias``; the kernel gradient's form is the backend's ``matmul_grad``. A kernel
     bound by :func:`sparserl.sparsity.bind` (a ``SparseKernel``) multiplies its kept weights only."""
-    if isinstance(p["kernel"], sparsity.SparseKernel):
-        return sparse_kernel.matmul(p["kernel"].values, p["kernel"].layout, x) + p["bias"]
+    kernel = p["kernel"]
+    if isinstance(kernel, sparsity.SparseKernel):
+        weight_grad = not isinstance(kernel, sparsity.FixedSparseKernel)
+        return sparse_kernel.matmul(kernel.values, kernel.layout, x, weight_grad) + p["bias"]
     if backend.current().matmul_grad == "tiled_transpose":
         return _matmul_tiled(x, p["kernel"]) + p["bias"]
     return _matmul_plain(x, p["kernel"]) + p["bias"]

@@ -39,6 +39,7 @@ SOURCE = Path(__file__).parent / "csrc" / "sparse_matmul.cc"
 LIBRARY_STEM = "_sparse_matmul"
 _TARGETS = {"sparserl_spmm_forward": "SparserlSparseMatmulForward",
             "sparserl_spmm_backward": "SparserlSparseMatmulBackward",
+            "sparserl_spmm_input_grad": "SparserlSparseMatmulInputGrad",
             "sparserl_gather": "SparserlGather", "sparserl_scatter": "SparserlScatter"}
 
 
@@ -228,11 +229,37 @@ def _matmul2d_bwd(residuals, g):
 _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
 
 
-def matmul(values: jax.Array, lay: Layout, x: jax.Array) -> jax.Array:
-    """``x @ W`` for the pruned kernel ``W`` of ``values`` (compact, float32) and ``lay``; ``x`` (..., in)."""
+def _input_grad_call(values, lay: Layout, g2):
+    out = jax.ShapeDtypeStruct((g2.shape[0], lay.row_ptr.shape[-1] - 1), jnp.float32)
+    return jax.ffi.ffi_call("sparserl_spmm_input_grad", out, vmap_method="expand_dims")(
+        values, lay.row_ptr, lay.cols, lay.perm, g2)
+
+
+@jax.custom_vjp
+def _matmul2d_fixed(values, lay: Layout, x2):
+    return _forward_call(values, lay, x2)
+
+
+def _matmul2d_fixed_fwd(values, lay, x2):
+    return _forward_call(values, lay, x2), (values, lay)
+
+
+def _matmul2d_fixed_bwd(residuals, g):
+    values, lay = residuals
+    return jnp.zeros_like(values), _no_grad(lay), _input_grad_call(values, lay, g)
+
+
+_matmul2d_fixed.defvjp(_matmul2d_fixed_fwd, _matmul2d_fixed_bwd)
+
+
+def matmul(values: jax.Array, lay: Layout, x: jax.Array, weight_grad: bool = True) -> jax.Array:
+    """``x @ W`` for the pruned kernel ``W`` of ``values`` (compact, float32) and ``lay``; ``x`` (..., in).
+    ``weight_grad=False``: the kernel is held fixed (its gradient is zero, never computed; the input
+    gradient is), e.g. the critic inside the actor's loss."""
     reason = _load()
     if reason is not None:
         raise RuntimeError(f"sparserl sparse kernel unavailable: {reason}")
     lead, n_in = x.shape[:-1], x.shape[-1]
-    y = _matmul2d(values, lay, x.reshape(-1, n_in).astype(jnp.float32))
+    product = _matmul2d if weight_grad else _matmul2d_fixed
+    y = product(values, lay, x.reshape(-1, n_in).astype(jnp.float32))
     return y.reshape(*lead, y.shape[-1])

@@ -247,6 +247,12 @@ class SparseKernel(NamedTuple):
     layout: sparse_kernel.Layout
 
 
+class FixedSparseKernel(SparseKernel):
+    """A :class:`SparseKernel` that a loss holds fixed (``bind(..., fixed=True)``): its products
+    compute the input gradient only (e.g. the critic inside the actor's loss)."""
+    __slots__ = ()
+
+
 def _kept(m) -> int:
     try:
         return int(np.asarray(m).sum())
@@ -282,24 +288,27 @@ def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
     return AUTO_MIN_SIZE <= size <= AUTO_MAX_SIZE and nnz <= AUTO_MAX_DENSITY * size
 
 
-def bind(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:
+def bind(params: PyTree, layout_tree: PyTree, compute: str, fixed: bool = False) -> PyTree:
     """``params`` as the networks compute with them (:func:`sparserl.networks.dense`): a compact leaf
     becomes a :class:`SparseKernel`; a masked-dense kernel that ``compute`` multiplies sparsely too (its
     kept values gathered); every other leaf is unchanged. Differentiable in ``params``: a compact
-    leaf's gradient is compact, a dense one's is dense (non-zero at kept positions only)."""
+    leaf's gradient is compact, a dense one's is dense (non-zero at kept positions only). ``fixed``: the
+    parameters are not differentiated (:class:`FixedSparseKernel`: no weight gradient is computed)."""
     if compute not in COMPUTE_MODES:
         raise ValueError(f"sparsity.compute={compute!r}: must be one of {', '.join(COMPUTE_MODES)}")
     if layout_tree is None:
         return params
 
+    kind = FixedSparseKernel if fixed else SparseKernel
+
     def one(x, lay):
         if lay is None:
             return x
         if x.ndim < lay.rows.ndim + 1:  # compact: (..., K) against the dense kernel's (..., in, out)
-            return SparseKernel(x, lay)
+            return kind(x, lay)
         if not sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute):
             return x
-        return SparseKernel(sparse_kernel.compact(x, lay), lay)
+        return kind(sparse_kernel.compact(x, lay), lay)
     return jax.tree_util.tree_map(one, params, layout_tree, is_leaf=lambda t: t is None)
 
 

@@ -65,6 +65,25 @@ def test_layer_forward_and_gradients_equal_masked_dense(shape, density):
         assert np.all(np.asarray(gp_s["kernel"])[~np.asarray(mask)] == 0)  # never computed at pruned positions
 
 
+def test_fixed_kernel_gives_the_input_gradient_only():
+    """``bind(..., fixed=True)`` (the critic inside the actor's loss): the same products and input
+    gradient, and a zero kernel gradient (never computed)."""
+    mask, kernel = masked_kernel(jax.random.PRNGKey(5), (96, 160), 0.1)
+    lay = {"kernel": sparse_kernel.layout(mask), "bias": None}
+    params = sparsity.to_storage({"kernel": kernel, "bias": jnp.ones(160)}, lay, "sparse")
+    x = jax.random.normal(jax.random.PRNGKey(6), (40, 96))
+
+    def loss(p, x_, fixed):
+        return jnp.sum(jnp.tanh(networks.dense(sparsity.bind(p, lay, "sparse", fixed), x_)))
+
+    bound = sparsity.bind(params, lay, "sparse", fixed=True)
+    assert isinstance(bound["kernel"], sparsity.FixedSparseKernel)
+    (gp_fixed, gx_fixed), (gp, gx) = (jax.grad(loss, (0, 1))(params, x, f) for f in (True, False))
+    np.testing.assert_array_equal(gx_fixed, gx)
+    assert np.all(np.asarray(gp_fixed["kernel"]) == 0) and np.any(np.asarray(gp["kernel"]) != 0)
+    assert_close(gx, jax.grad(lambda x_: jnp.sum(jnp.tanh(x_ @ kernel + 1.0)))(x), scale=10)
+
+
 def test_layout_round_trips_and_handles_empty_rows_and_columns():
     mask = np.zeros((6, 5), bool)
     mask[0, 4] = mask[3, 0] = mask[3, 2] = mask[5, 4] = True  # rows 1, 2, 4 and columns 1, 3 empty

@@ -60,10 +60,11 @@ def init_module(cfg: Config, name: str, params, module_sparsity: float, always_d
     return Module(params, tx.init(params), mask, tracking, layout)
 
 
-def bind(cfg: Config, params, module: Module):
+def bind(cfg: Config, params, module: Module, fixed: bool = False):
     """``params`` (the module's own, or a copy such as the target critic or the argument of a loss being
-    differentiated) as the networks compute with them under ``sparsity.compute``."""
-    return sparsity.bind(params, module.layout, cfg.sparsity.compute)
+    differentiated) as the networks compute with them under ``sparsity.compute``. ``fixed``: a loss
+    holds them fixed (no kernel gradient is computed: the critic in the actor's loss, targets)."""
+    return sparsity.bind(params, module.layout, cfg.sparsity.compute, fixed)
 
 
 def bound(module: Module):

@@ -100,7 +100,7 @@ def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
     obs, next_obs = common.normalize(batch.obs, stats), common.normalize(batch.next_obs, stats)
     key, k_actor, k_next = jax.random.split(state.key, 3)
 
-    critic_now = common.bind(cfg, state.critic.params, state.critic)
+    critic_now = common.bind(cfg, state.critic.params, state.critic, fixed=True)
 
     def actor_loss_fn(params):
         return actor_losses(common.bind(cfg, params, state.actor), critic_now, obs, k_actor, cfg).mean()
@@ -108,7 +108,7 @@ def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
     actor_loss, actor_grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
 
-    target_q = td_targets(common.bind(cfg, state.target, state.critic), common.bind(cfg, actor.params, actor),
+    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True), common.bind(cfg, actor.params, actor, fixed=True),
                           next_obs, batch.reward, batch.discount, k_next, cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(
         lambda p: common.critic_loss(common.bind(cfg, p, state.critic), obs, batch.action, target_q), has_aux=True)(

@@ -182,9 +182,9 @@ def critic_loss_fn(enc_params, critic_params, obs, action, target_q):
 
 
 def td_targets(state: DrQv2State, next_features, reward, discount, std, key, cfg: Config) -> jax.Array:
-    actor_params = common.bind(cfg, state.actor.params, state.actor)
+    actor_params = common.bind(cfg, state.actor.params, state.actor, fixed=True)
     next_action = _noisy(mean_action(actor_params, next_features), std, key, cfg.drqv2.std_clip)
-    next_q = q_values(common.bind(cfg, state.target, state.critic), next_features, next_action).min(0)
+    next_q = q_values(common.bind(cfg, state.target, state.critic, fixed=True), next_features, next_action).min(0)
     return jax.lax.stop_gradient(reward + discount * next_q)
 
 
@@ -210,7 +210,7 @@ def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
 
     features = jax.lax.stop_gradient(features)
     actor_loss, actor_grads = jax.value_and_grad(
-        lambda p: actor_losses(common.bind(cfg, p, state.actor), common.bind(cfg, critic.params, critic), features,
+        lambda p: actor_losses(common.bind(cfg, p, state.actor), common.bind(cfg, critic.params, critic, fixed=True), features,
                                std, k_actor, cfg).mean())(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
     target = common.polyak(state.target, critic.params, cfg.tau)

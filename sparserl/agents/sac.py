@@ -110,7 +110,7 @@ def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
     key, k_actor, k_next = jax.random.split(state.key, 3)
     temp = jnp.exp(state.log_temp)
 
-    critic_now = common.bind(cfg, state.critic.params, state.critic)
+    critic_now = common.bind(cfg, state.critic.params, state.critic, fixed=True)
 
     def actor_loss_fn(params):
         losses, logp = actor_losses(common.bind(cfg, params, state.actor), critic_now, obs, k_actor, temp, cfg)
@@ -124,7 +124,7 @@ def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
     temp_updates, temp_opt_state = optax.adam(cfg.lr).update(temp_grad, state.temp_opt_state)
     log_temp = optax.apply_updates(state.log_temp, temp_updates)
 
-    target_q = td_targets(common.bind(cfg, state.target, state.critic), common.bind(cfg, actor.params, actor),
+    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True), common.bind(cfg, actor.params, actor, fixed=True),
                           next_obs, batch.reward, batch.discount, k_next, jnp.exp(log_temp), cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(
         lambda p: common.critic_loss(common.bind(cfg, p, state.critic), obs, batch.action, target_q), has_aux=True)(

@@ -325,6 +325,37 @@ void WeightGradScalar(const float* x, const float* g, const int32_t* col_ptr, co
     for (int32_t k = col_ptr[j]; k < col_ptr[j + 1]; ++k) dv[k] = x[rows[k]] * g[j];
 }
 
+// dx = g @ W^T from g's panels: the weights in CSR order (read once per panel), then the gather by rows.
+void InputGradient(ffi::ThreadPool& pool, const float* v, const int32_t* rp, const int32_t* c, const int32_t* pm,
+                   const float* gp, int64_t padded, int64_t batch, int64_t in, int64_t out, int64_t nnz, float* dx) {
+  float* v_csr = Scratch(2, nnz);
+  ParallelFor(pool, (nnz + 65535) / 65536, [&](int64_t u) {
+    for (int64_t k = u * 65536, end = std::min(nnz, k + 65536); k < end; ++k) v_csr[k] = v[pm[k]];
+  }, nnz);
+  Gather(pool, gp, out, padded, batch, rp, c, v_csr, in, dx);
+}
+
+// The input gradient alone, for a kernel held fixed (e.g. the critic inside the actor's loss): the
+// weight gradient would be computed and thrown away.
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols,
+                     ffi::AnyBuffer perm, ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dx) {
+  const int64_t batch = Dim(gy, 2), out = Dim(gy, 1), in = Dim(*dx, 1), nnz = Dim(values, 1);
+  int64_t gv = GroupsOf(values, 1), grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gpm = GroupsOf(perm, 1);
+  int64_t gg = GroupsOf(gy, 2), g;
+  if (!Broadcastable({gv, grp, gc, gpm, gg}, &g) || GroupsOf(*dx, 2) != g)
+    return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
+  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch);
+  for (int64_t i = 0; i < g; ++i) {
+    const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
+    const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
+    const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
+    const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
+    const float* gp = Panels(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
+    InputGradient(pool, v, rp, c, pm, gp, padded, batch, in, out, nnz, dx->typed_data<float>() + i * batch * in);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
                     ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer x,
                     ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dv) {
@@ -344,11 +375,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
     const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
     const float* xp = Panels(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
     const float* gp = Panels(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
-    float* v_csr = Scratch(2, nnz);  // the weights in CSR order, read once per panel by the input gradient
-    ParallelFor(pool, (nnz + 65535) / 65536, [&](int64_t u) {
-      for (int64_t k = u * 65536, end = std::min(nnz, k + 65536); k < end; ++k) v_csr[k] = v[pm[k]];
-    }, nnz);
-    Gather(pool, gp, out, padded, batch, rp, c, v_csr, in, dx->typed_data<float>() + i * batch * in);
+    InputGradient(pool, v, rp, c, pm, gp, padded, batch, in, out, nnz, dx->typed_data<float>() + i * batch * in);
     float* dvi = dv->typed_data<float>() + i * nnz;
     int64_t blocks = (out + kBlock - 1) / kBlock;
     for (int64_t b0 = 0; b0 < padded; b0 += chunk) {
@@ -455,6 +482,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlSparseMatmulBackward, Backward,
                                   .Arg<ffi::AnyBuffer>()  // g (..., B, O)
                                   .Ret<ffi::AnyBuffer>()  // dx (..., B, I)
                                   .Ret<ffi::AnyBuffer>()  // dvalues (..., K)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlSparseMatmulInputGrad, InputGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // values (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // row_ptr (..., I+1)
+                                  .Arg<ffi::AnyBuffer>()  // cols (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // perm (..., K)
+                                  .Arg<ffi::AnyBuffer>()  // g (..., B, O)
+                                  .Ret<ffi::AnyBuffer>()  // dx (..., B, I)
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparserlGather, GatherValues,
