@@ -219,7 +219,8 @@ def kernel_timings(width: int, sparsity: float, batch: int, seconds: float) -> l
     return out
 
 
-def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, learn_seconds: float) -> dict:
+def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, learn_seconds: float,
+                   stream_widths: list[int] = (1024, 2048)) -> dict:
     """masked vs sparse compute, in one process (so the ratios hold on a busy machine)."""
     from sparserl import sparse_kernel
 
@@ -245,12 +246,39 @@ def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, l
             print(f"  humanoid-run S=0.9 {compute}: {e2e['agent_steps_per_s']:.2f} agent steps/s", flush=True)
         e2e = out["end_to_end"]
         e2e["speedup"] = e2e["sparse"]["agent_steps_per_s"] / e2e["masked"]["agent_steps_per_s"]
-    out["streaming"] = {"widths": [1024, 2048], "sparsity": 0.9, "masked_steps_per_s": None,
-                        "sparse_steps_per_s": None,
-                        "why": "stream_ac is not wired to sparsity.compute yet (its batch-1 step is memory-bound: "
-                               "with masked-dense storage a sparse product still reads and writes every dense "
-                               "kernel entry in the ObGD step; see docs/sparse_compute.md)"}
+    out["streaming"] = []
+    for width in stream_widths:
+        masked, sparse = (stream_step_rate(width, 0.9, compute, seconds) for compute in ("masked", "sparse"))
+        out["streaming"].append({"width": width, "sparsity": 0.9, "masked_steps_per_s": masked,
+                                 "sparse_steps_per_s": sparse, "speedup": sparse / masked})
+        print(f"  Stream AC(λ) width {width} S=0.9: masked {masked:.0f} steps/s, sparse {sparse:.0f} steps/s: "
+              f"{sparse / masked:.2f}x", flush=True)
     return out
+
+
+def stream_step_rate(width: int, sparsity: float, compute: str, seconds: float) -> float:
+    """Agent steps/s of Stream AC(λ)'s jitted step (one transition: ObGD on actor and critic, the next
+    action), bundled preset at ``width`` with actor and critic at ``sparsity``, on Hopper's shapes."""
+    from sparserl import stream
+    from sparserl.agents import stream_ac
+
+    cfg = config.from_args(str(config.PRESET_DIR / "stream_ac.yaml"),
+                           [f"actor.width={width}", f"critic.width={width}", f"actor.sparsity={sparsity}",
+                            f"critic.sparsity={sparsity}", f"sparsity.compute={compute}", "progress=false"],
+                           check_env=False)
+    obs_dim, action_dim = 11, 3  # Hopper-v5
+    state = stream_ac.init(cfg, obs_dim, action_dim)
+    step, begin = stream.make_step(cfg, 1000)
+    obs = np.random.default_rng(0).normal(size=obs_dim).astype(np.float32)
+    state, _ = begin(state, obs)
+    holder = [state, common.fresh_sums(stream_ac)]
+    transition = stream_ac.pack(obs, 1.0, False, False)
+
+    def one():
+        holder[0], holder[1], action = step(holder[0], holder[1], transition)
+        np.asarray(action)
+
+    return timed(one, seconds)
 
 
 def seed_scaling(counts: list[int], seconds: float) -> list[dict]:

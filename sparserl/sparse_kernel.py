@@ -232,7 +232,7 @@ _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
 def _input_grad_call(values, lay: Layout, g2):
     out = jax.ShapeDtypeStruct((g2.shape[0], lay.row_ptr.shape[-1] - 1), jnp.float32)
     return jax.ffi.ffi_call("sparserl_spmm_input_grad", out, vmap_method="expand_dims")(
-        values, lay.row_ptr, lay.cols, lay.perm, g2)
+        values, lay.col_ptr, lay.rows, lay.row_ptr, lay.cols, lay.perm, g2)
 
 
 @jax.custom_vjp
