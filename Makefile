@@ -1,6 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
+# pytest-xdist workers for `make test`: whole test files per worker (--dist loadfile), so module-scoped
+# fixtures (the one-node Slurm, shared agent states) are set up once; 0 runs in one process
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -16,7 +19,7 @@ demo: install
 	$(VENV)/bin/sparserl demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 bench: install
 	$(PY) benchmarks/bench.py --out bench.json

@@ -153,8 +153,12 @@ def end_to_end(learn_seconds: float, update_rate: float, overrides: dict | None 
 
 def sparse_update_rate(width: int, sparsity: float, compute: str, seconds: float) -> float:
     """Updates/s of the default SAC with actor and critic at ``sparsity``, one gradient step per call."""
-    cfg = config.build({"critic.width": width, "actor.sparsity": sparsity, "critic.sparsity": sparsity,
-                        "sparsity.compute": compute, "utd": 1}, check_env=False)
+    return update_rate(config.build({"critic.width": width, "actor.sparsity": sparsity, "critic.sparsity": sparsity,
+                                     "sparsity.compute": compute, "utd": 1}, check_env=False), seconds)
+
+
+def update_rate(cfg, seconds: float) -> float:
+    """Updates/s of ``cfg``'s agent (``utd`` gradient steps per call) on humanoid's shapes."""
     agent = agents.get(cfg.agent)
     batches, stats = random_batches((1, cfg.batch_size)), ObsStats(jnp.zeros(OBS_DIM), jnp.ones(OBS_DIM))
     update = jax.jit(agent.update, static_argnames="cfg", donate_argnums=0)
@@ -220,7 +224,7 @@ def kernel_timings(width: int, sparsity: float, batch: int, seconds: float) -> l
 
 
 def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, learn_seconds: float,
-                   stream_widths: list[int] = (1024, 2048)) -> dict:
+                   stream_widths=(1024, 2048), kernel_widths=(1024, 2048), presets=("humanoid_run_109m_sparse",)) -> dict:
     """masked vs sparse compute, in one process (so the ratios hold on a busy machine)."""
     from sparserl import sparse_kernel
 
@@ -246,6 +250,21 @@ def sparse_compute(widths: list[int], sparsities: list[float], seconds: float, l
             print(f"  humanoid-run S=0.9 {compute}: {e2e['agent_steps_per_s']:.2f} agent steps/s", flush=True)
         e2e = out["end_to_end"]
         e2e["speedup"] = e2e["sparse"]["agent_steps_per_s"] / e2e["masked"]["agent_steps_per_s"]
+    out["kernels"] = [r for width in kernel_widths for r in kernel_timings(width, 0.9, 256, seconds)]
+    for r in out["kernels"]:
+        print(f"  kernel {r['shape'][0]}x{r['shape'][1]} S=0.9 batch 256: forward {r['forward_speedup']:.2f}x "
+              f"({r['sparse_forward_gflops']:.0f} vs dense {r['dense_forward_gflops']:.0f} GFLOP/s), backward "
+              f"{r['backward_speedup']:.2f}x ({r['sparse_backward_gflops']:.0f} vs {r['dense_backward_gflops']:.0f})",
+              flush=True)
+    out["presets"] = []
+    for preset in presets:
+        path = str(config.PRESET_DIR / f"{preset}.yaml")
+        rates = {compute: update_rate(config.from_args(path, [f"sparsity.compute={compute}", "utd=1"], check_env=False),
+                                      seconds) for compute in ("masked", "sparse")}
+        out["presets"].append({"preset": preset, "masked_updates_per_s": rates["masked"],
+                               "sparse_updates_per_s": rates["sparse"], "speedup": rates["sparse"] / rates["masked"]})
+        print(f"  preset {preset}: masked {rates['masked']:.3f} updates/s, sparse {rates['sparse']:.3f} updates/s: "
+              f"{rates['sparse'] / rates['masked']:.2f}x", flush=True)
     out["streaming"] = []
     for width in stream_widths:
         masked, sparse = (stream_step_rate(width, 0.9, compute, seconds) for compute in ("masked", "sparse"))
@@ -449,10 +468,19 @@ def main() -> None:
     parser.add_argument("--sparse-seconds", type=float, default=2.0, help="timing window per sparse-compute point")
     parser.add_argument("--sparse-learn-seconds", type=float, default=30.0,
                         help="end-to-end learning time per mode at S=0.9 (0: skip)")
+    parser.add_argument("--sparse-presets", nargs="*", default=["humanoid_run_109m_sparse"],
+                        help="presets whose update is timed masked vs sparse (none: skip)")
+    parser.add_argument("--only-sparse", action="store_true", help="only the sparse-compute section")
     parser.add_argument("--no-pixels", action="store_true", help="skip the encoder and pixel benchmarks")
     parser.add_argument("--only-pixels", action="store_true", help="only the matmul, encoder and pixel benchmarks")
     args = parser.parse_args()
 
+    if args.only_sparse:
+        results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine()}
+        results["sparse_compute"] = sparse_compute(args.sparse_widths, args.sparse_sparsities, args.sparse_seconds,
+                                                   args.sparse_learn_seconds, presets=args.sparse_presets)
+        write_results(results, args.out)
+        return
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine(),
                "matmul_gflops": matmul_gflops(256, max(args.widths), args.seconds), "updates": []}
     print(f"matmul 256x{max(args.widths)}x{4 * max(args.widths)}: {results['matmul_gflops']:.1f} GFLOP/s")
@@ -511,7 +539,7 @@ def main() -> None:
     if args.sparse_widths:
         print("sparse compute (sparsity.compute=masked vs sparse, default SAC, actor and critic at S):")
         results["sparse_compute"] = sparse_compute(args.sparse_widths, args.sparse_sparsities, args.sparse_seconds,
-                                                   args.sparse_learn_seconds)
+                                                   args.sparse_learn_seconds, presets=args.sparse_presets)
         write_results(results, args.out)
     if args.seed_counts:
         print("vmapped seeds (default SAC):")

@@ -590,6 +590,13 @@ def _check_seeds(cfg: Config) -> None:
                               f"at most {MAX_NUM_SEEDS} seeds, each at most {MAX_SEED} (2**31-1)")
     elif cfg.seed + cfg.num_seeds - 1 > MAX_SEED:
         raise ConfigError(f"seed={cfg.seed} num_seeds={cfg.num_seeds}: the last seed would exceed {MAX_SEED} (2**31-1)")
+    if (cfg.seed_parallel == "vmap" and cfg.sparsity.compute != "masked" and cfg.sparsity.draw == "bernoulli"
+            and len(cfg.seed_list) > 1):
+        # sparse compute stores kernels compact: i.i.d. draws keep a different count per seed, and
+        # arrays of different lengths cannot be stacked
+        raise ConfigError(f"sparsity.draw=bernoulli: with sparsity.compute={cfg.sparsity.compute} and "
+                          "seed_parallel=vmap every seed must keep the same count; use sparsity.draw=exact "
+                          "or seed_parallel=loop")
 
 
 def _check_agent_sections(cfg: Config) -> None:

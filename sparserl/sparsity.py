@@ -230,15 +230,15 @@ def stats(params: PyTree, mask: PyTree) -> dict[str, Any]:
 # masked-dense leaf in a sparse mode, the kept values gathered from it, differentiably).
 
 COMPUTE_MODES = ("masked", "sparse", "auto")
-# ``auto``'s model, from ``make bench`` (section sparse_compute) on the 2-core AVX2 CPU, whole SAC updates,
-# batch 256: sparse beat masked at critic width 512 and 1024 for S = 0.9 and 0.95 (1.7-2.5x; S = 0.8 at
-# width 1024: 1.07x) but lost at width 2048 (0.6-0.9x: its 2048x8192 kernels' activation panels spill
-# out of L2 and the dense passes of AdamW, Polyak and the gradient scatter grow with in x out). So auto
-# computes a kernel sparsely only inside the measured winning region: at most 1024x4096 entries, at
-# most 10% kept, and large enough that the fixed cost per call does not dominate.
-AUTO_MAX_DENSITY = 0.1
+# ``auto``'s model, from ``make bench`` (section sparse_compute) on the 2-core AVX2 CPU with compact
+# storage: whole SAC updates at batch 256 were faster sparse at every measured point — critic width
+# 512 / 1024 / 2048 at S = 0.8 (1.3-2.0x), 0.9 (1.9-2.7x) and 0.95 (2.4-4.1x) — and Stream AC's batch-1
+# step at width 1024 / 2048, S = 0.9 (3.5-3.9x). So auto computes sparsely every kernel keeping at most
+# 20% of its entries (S >= 0.8, the sparsest measured loss-free region's edge) that is large enough
+# for the fixed cost of a call not to dominate (at least 2^16 entries: Stream AC's default 128 x 128
+# stays masked, a 256 x 256 kernel goes sparse).
+AUTO_MAX_DENSITY = 0.2
 AUTO_MIN_SIZE = 1 << 16  # in*out below this: masked (a dense product of this size takes microseconds)
-AUTO_MAX_SIZE = 1 << 22  # 1024 x 4096; larger kernels lost to masked on the benchmark machine
 
 
 class SparseKernel(NamedTuple):
@@ -285,7 +285,7 @@ def sparse_layer(shape: tuple[int, ...], nnz: int, compute: str) -> bool:
     if compute == "sparse":
         return True
     size = int(np.prod(shape))
-    return AUTO_MIN_SIZE <= size <= AUTO_MAX_SIZE and nnz <= AUTO_MAX_DENSITY * size
+    return size >= AUTO_MIN_SIZE and nnz <= AUTO_MAX_DENSITY * size
 
 
 def bind(params: PyTree, layout_tree: PyTree, compute: str, fixed: bool = False) -> PyTree:

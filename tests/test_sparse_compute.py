@@ -280,9 +280,12 @@ def test_topology_update_of_a_compact_state_equals_the_masked_one():
 
 def test_auto_chooses_sparse_only_where_it_pays():
     assert sparsity.sparse_layer((1024, 4096), int(0.1 * 1024 * 4096), "auto")
+    assert sparsity.sparse_layer((2048, 8192), int(0.2 * 2048 * 8192), "auto")
+    assert sparsity.sparse_layer((256, 256), int(0.05 * 256 * 256), "auto")
     assert not sparsity.sparse_layer((1024, 4096), int(0.5 * 1024 * 4096), "auto")  # too dense to pay
-    assert not sparsity.sparse_layer((2048, 8192), int(0.05 * 2048 * 8192), "auto")  # measured slower: masked
+    assert not sparsity.sparse_layer((2048, 8192), int(0.3 * 2048 * 8192), "auto")
     assert not sparsity.sparse_layer((16, 64), 100, "auto")                           # too small to pay
+    assert not sparsity.sparse_layer((128, 128), 1600, "auto")  # Stream AC's default width: masked
     assert not sparsity.sparse_layer((1024, 4096), 1000, "masked")
     assert sparsity.sparse_layer((16, 64), 100, "sparse")
 
@@ -291,6 +294,12 @@ def test_compute_key_is_validated(make_config):
     with pytest.raises(ConfigError, match="sparsity.compute"):
         config.from_args(None, ["sparsity.compute=fast"], check_env=False)
     assert make_config(**{"sparsity.compute": "auto"}).sparsity.compute == "auto"
+    # compact kernels of i.i.d. masks differ in length between seeds: they cannot be vmapped together
+    with pytest.raises(ConfigError, match="sparsity.draw=bernoulli"):
+        config.from_args(None, ["sparsity.compute=sparse", "sparsity.draw=bernoulli", "num_seeds=2",
+                                "seed_parallel=vmap"], check_env=False)
+    assert config.from_args(None, ["sparsity.compute=sparse", "sparsity.draw=bernoulli", "num_seeds=2",
+                                   "seed_parallel=loop"], check_env=False).num_seeds == 2
 
 
 def test_failed_build_is_one_line(tmp_path):
