@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparserl import agents, envs, fidelity
+from sparserl.agents import common
 from sparserl.agents.common import Batch, ObsStats
 from sparserl.config import Config
 
@@ -38,8 +40,12 @@ def _flops(cost) -> float:
 def update_flops(cfg: Config, state, obs_dim: int, action_dim: int, compile: bool = True) -> float:
     """FLOPs of one gradient step (XLA cost analysis of the update, K=1). ``state`` may be abstract
     (``jax.eval_shape``); ``compile=False`` analyses the lowered program (within 0.1% of the
-    compiled count for SAC, and seconds instead of minutes for 100M-parameter models)."""
+    compiled count for SAC, and seconds instead of minutes for 100M-parameter models). Counted as
+    masked-dense compute in every ``sparsity.compute`` mode: XLA cannot count a custom kernel's FLOPs."""
     agent = agents.get(cfg.agent)
+    if cfg.sparsity.compute != "masked":
+        state = jax.eval_shape(common.dense_state, state)
+        cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, compute="masked"))
     if hasattr(agent, "update_flops"):  # streaming agents: one step on one transition
         return agent.update_flops(cfg, state, obs_dim, action_dim)
     batches, stats = _update_inputs(cfg, obs_dim, action_dim)

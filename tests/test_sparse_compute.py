@@ -323,3 +323,17 @@ def test_plain_backend_computes_masked(recwarn):
         assert not sparsity.sparse_layer((1024, 4096), 1000, "sparse")
         assert not sparsity.sparse_layer((512, 2048), 1000, "sparse")
     assert sum("falls back to masked" in str(w.message) for w in recwarn.list) == 1
+
+
+def test_inspected_flops_are_the_same_in_every_mode():
+    """XLA cannot count a custom kernel's FLOPs: the update's FLOPs are reported as masked-dense compute
+    whatever sparsity.compute, instead of dropping the sparse products."""
+    from sparserl import inspection
+
+    flops = {}
+    for compute in ("masked", "sparse"):
+        cfg = config.build({"critic.width": 64, "actor.width": 32, "critic.sparsity": 0.9, "actor.sparsity": 0.9,
+                            "sparsity.compute": compute}, check_env=False)
+        state = jax.eval_shape(lambda cfg=cfg: agents.get("sac").init(cfg, 17, 6))
+        flops[compute] = inspection.update_flops(cfg, state, 17, 6, compile=False)
+    assert flops["masked"] > 0 and flops["sparse"] == flops["masked"]
