@@ -26,7 +26,11 @@
   actor and critic at sparsity S: per critic width (512, 1024, 2048) and S (0.8, 0.9, 0.95),
   ``masked_updates_per_s``, ``sparse_updates_per_s`` and ``speedup`` (entries in ``updates``); the
   end-to-end agent steps/s on humanoid-run at S = 0.9 in both modes (``end_to_end``, when
-  ``--learn-seconds`` > 0); Stream AC(λ) is not wired to sparse compute yet (``streaming``: why);
+  ``--sparse-learn-seconds`` > 0); per kernel of a SimBa block at width 1024 and 2048, S = 0.9, the
+  dense and sparse forward/backward seconds, GFLOP/s and memory floor (``kernels``); the 109M preset's
+  update in both modes (``presets``); Stream AC(λ)'s step at width 1024 and 2048, S = 0.9
+  (``streaming``). Masked and sparse are timed in turn, best of 3 windows. ``--only-sparse`` runs this
+  section alone;
 * ``checkpoint_write``: per preset (default humanoid-run, the 109M sparse model), the bytes and
   seconds of one checkpoint with a full replay buffer -- with one agent step, the lead time a
   graceful stop on a scheduler's signal needs (docs/cluster.md).
