@@ -337,3 +337,41 @@ def test_inspected_flops_are_the_same_in_every_mode():
         state = jax.eval_shape(lambda cfg=cfg: agents.get("sac").init(cfg, 17, 6))
         flops[compute] = inspection.update_flops(cfg, state, 17, 6, compile=False)
     assert flops["masked"] > 0 and flops["sparse"] == flops["masked"]
+
+
+def test_training_loop_in_sparse_mode_checkpoints_and_resumes_exactly(tmp_path):
+    """The replay loop with compact kernels: acting (batch-1 sparse products), evaluation, masked-dense
+    checkpoints mid-run, and a resume from the middle one that writes the uninterrupted run's rows."""
+    import csv
+    import shutil
+
+    from sparserl import train
+
+    def run(run_dir):
+        cfg = config.build({"env": "cartpole-balance", "env_steps": 1200, "warmup_steps": 200, "eval_every": 400,
+                            "eval_episodes": 1, "final_eval_episodes": 1, "batch_size": 16, "actor.width": 32,
+                            "critic.width": 32, "critic.blocks": 1, "actor.sparsity": 0.8, "critic.sparsity": 0.9,
+                            "sparsity.compute": "sparse", "checkpoint_every": 400, "keep_checkpoints": 10,
+                            "progress": False, "run_dir": str(run_dir)})
+        train.train(cfg, log=lambda m: None)
+
+    def rows(run_dir):
+        with open(run_dir / "metrics.csv", newline="") as f:
+            return [{k: v for k, v in r.items() if k not in ("steps_per_s", "wall_time")} for r in csv.DictReader(f)]
+
+    ref = tmp_path / "ref"
+    run(ref)
+    steps = checkpoint.complete_steps(ref / "checkpoints")
+    assert len(steps) >= 2
+    arrays, _ = checkpoint.load(ref / "checkpoints", steps[0])
+    kernel = next(v for k, v in arrays.items() if k.startswith("state/") and "critic" in k and k.endswith("kernel")
+                  and v.ndim == 2 and v.size > 32 * 32)
+    assert 0.85 < float(np.mean(kernel == 0)) < 0.95  # written masked-dense, pruned entries 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed)
+    (resumed / "summary.json").unlink()
+    for step in steps[1:]:
+        for suffix in (".npz", ".json"):
+            (resumed / "checkpoints" / f"step_{step:010d}{suffix}").unlink()
+    run(resumed)
+    assert rows(resumed) == rows(ref) and len(rows(ref)) == 4
