@@ -304,7 +304,7 @@ def bind(params: PyTree, layout_tree: PyTree, compute: str, fixed: bool = False)
     def one(x, lay):
         if lay is None:
             return x
-        if x.ndim < lay.rows.ndim + 1:  # compact: (..., K) against the dense kernel's (..., in, out)
+        if _stored_compact(x, lay):
             return kind(x, lay)
         if not sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute):
             return x
@@ -312,8 +312,14 @@ def bind(params: PyTree, layout_tree: PyTree, compute: str, fixed: bool = False)
     return jax.tree_util.tree_map(one, params, layout_tree, is_leaf=lambda t: t is None)
 
 
+def _stored_compact(x, lay) -> bool:
+    """Whether leaf ``x`` with layout ``lay`` is compact: (..., K) against the dense kernel's (..., in, out)."""
+    return lay is not None and x.ndim < lay.rows.ndim + 1
+
+
 def _stores_compact(lay, x, compute: str) -> bool:
-    return lay is not None and x.ndim == lay.rows.ndim + 1 and sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute)
+    return (lay is not None and not _stored_compact(x, lay)
+            and sparse_layer(x.shape[-2:], lay.rows.shape[-1], compute))
 
 
 def to_storage(params: PyTree, layout_tree: PyTree, compute: str) -> PyTree:
@@ -332,7 +338,7 @@ def to_dense(params: PyTree, layout_tree: PyTree) -> PyTree:
     if layout_tree is None:
         return params
     return jax.tree_util.tree_map(
-        lambda x, lay: sparse_kernel.expand(x, lay) if lay is not None and x.ndim < lay.rows.ndim + 1 else x,
+        lambda x, lay: sparse_kernel.expand(x, lay) if _stored_compact(x, lay) else x,
         params, layout_tree, is_leaf=lambda t: t is None)
 
 

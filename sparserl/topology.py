@@ -122,15 +122,9 @@ def _ranks(values: jax.Array) -> jax.Array:
 
 def reset_moments(opt_state, params, keep) -> Any:
     """Zero every optimizer-state tree shaped like ``params`` (AdamW's moments) where ``keep`` is False."""
-    params_def = jax.tree_util.tree_structure(params)
-    is_params_like = lambda node: jax.tree_util.tree_structure(node) == params_def  # noqa: E731
-
-    def zero_outside(node):
-        if not is_params_like(node):
-            return node
-        return jax.tree_util.tree_map(lambda x, k: jnp.where(k, x, jnp.zeros((), x.dtype)), node, keep)
-
-    return jax.tree_util.tree_map(zero_outside, opt_state, is_leaf=is_params_like)
+    return sparsity.map_params_like(
+        opt_state, params,
+        lambda node: jax.tree_util.tree_map(lambda x, k: jnp.where(k, x, jnp.zeros((), x.dtype)), node, keep))
 
 
 def rewire_module(module, grow_scores, fraction):

@@ -108,7 +108,8 @@ def update_step(state: DDPGState, batch: Batch, stats: ObsStats, cfg: Config):
     actor_loss, actor_grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
 
-    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True), common.bind(cfg, actor.params, actor, fixed=True),
+    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True),
+                          common.bind(cfg, actor.params, actor, fixed=True),
                           next_obs, batch.reward, batch.discount, k_next, cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(
         lambda p: common.critic_loss(common.bind(cfg, p, state.critic), obs, batch.action, target_q), has_aux=True)(

@@ -210,8 +210,8 @@ def update_step(state: DrQv2State, batch: Batch, stats: ObsStats, cfg: Config):
 
     features = jax.lax.stop_gradient(features)
     actor_loss, actor_grads = jax.value_and_grad(
-        lambda p: actor_losses(common.bind(cfg, p, state.actor), common.bind(cfg, critic.params, critic, fixed=True), features,
-                               std, k_actor, cfg).mean())(state.actor.params)
+        lambda p: actor_losses(common.bind(cfg, p, state.actor), common.bind(cfg, critic.params, critic, fixed=True),
+                               features, std, k_actor, cfg).mean())(state.actor.params)
     actor, actor_grad_norm = common.step_module(cfg, state.actor, actor_grads)
     target = common.polyak(state.target, critic.params, cfg.tau)
 

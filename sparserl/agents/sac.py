@@ -124,7 +124,8 @@ def update_step(state: SACState, batch: Batch, stats: ObsStats, cfg: Config):
     temp_updates, temp_opt_state = optax.adam(cfg.lr).update(temp_grad, state.temp_opt_state)
     log_temp = optax.apply_updates(state.log_temp, temp_updates)
 
-    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True), common.bind(cfg, actor.params, actor, fixed=True),
+    target_q = td_targets(common.bind(cfg, state.target, state.critic, fixed=True),
+                          common.bind(cfg, actor.params, actor, fixed=True),
                           next_obs, batch.reward, batch.discount, k_next, jnp.exp(log_temp), cfg)
     (critic_loss, q_mean), critic_grads = jax.value_and_grad(
         lambda p: common.critic_loss(common.bind(cfg, p, state.critic), obs, batch.action, target_q), has_aux=True)(

@@ -365,43 +365,16 @@ void InputGradient(ffi::ThreadPool& pool, const float* v, const int32_t* rp, con
   Gather(pool, gp, out, padded, batch, rp, c, v_csr, in, dx);
 }
 
-// The input gradient alone, for a kernel held fixed (e.g. the critic inside the actor's loss): the
-// weight gradient would be computed and thrown away.
-ffi::Error InputGrad(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
-                     ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer gy,
-                     ffi::Result<ffi::AnyBuffer> dx) {
-  const int64_t batch = Dim(gy, 2), out = Dim(gy, 1), in = Dim(*dx, 1), nnz = Dim(values, 1);
+// Both backward handlers: dx always; dv (the kernel gradient at kept positions) when `dv` is given, and
+// then `x` too (a kernel held fixed needs neither).
+ffi::Error BackwardProducts(ffi::ThreadPool& pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
+                            ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, const ffi::AnyBuffer* x,
+                            ffi::AnyBuffer gy, ffi::AnyBuffer& dx, ffi::AnyBuffer* dv) {
+  const int64_t batch = Dim(gy, 2), in = Dim(dx, 1), out = Dim(gy, 1), nnz = Dim(values, 1);
   int64_t gv = GroupsOf(values, 1), gcp = GroupsOf(col_ptr, 1), gr = GroupsOf(rows, 1);
   int64_t grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gpm = GroupsOf(perm, 1);
-  int64_t gg = GroupsOf(gy, 2), g;
-  if (!Broadcastable({gv, gcp, gr, grp, gc, gpm, gg}, &g) || GroupsOf(*dx, 2) != g)
-    return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
-  const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch);
-  for (int64_t i = 0; i < g; ++i) {
-    const float* v = values.typed_data<float>() + Groups::Of(gv, i) * nnz;
-    if (batch == 1) {
-      BackwardOne(pool, v, col_ptr.typed_data<int32_t>() + Groups::Of(gcp, i) * (out + 1),
-                  rows.typed_data<int32_t>() + Groups::Of(gr, i) * nnz, nullptr,
-                  gy.typed_data<float>() + Groups::Of(gg, i) * out, in, out, dx->typed_data<float>() + i * in, nullptr);
-      continue;
-    }
-    const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
-    const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
-    const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
-    const float* gp = Panels(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
-    InputGradient(pool, v, rp, c, pm, gp, padded, batch, in, out, nnz, dx->typed_data<float>() + i * batch * in);
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
-                    ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer x,
-                    ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dv) {
-  const int64_t batch = Dim(x, 2), in = Dim(x, 1), out = Dim(gy, 1), nnz = Dim(values, 1);
-  int64_t gv = GroupsOf(values, 1), gcp = GroupsOf(col_ptr, 1), gr = GroupsOf(rows, 1);
-  int64_t grp = GroupsOf(row_ptr, 1), gc = GroupsOf(cols, 1), gpm = GroupsOf(perm, 1);
-  int64_t gx = GroupsOf(x, 2), gg = GroupsOf(gy, 2), g;
-  if (!Broadcastable({gv, gcp, gr, grp, gc, gpm, gx, gg}, &g) || GroupsOf(*dx, 2) != g || GroupsOf(*dv, 1) != g)
+  int64_t gx = x ? GroupsOf(*x, 2) : 1, gg = GroupsOf(gy, 2), g;
+  if (!Broadcastable({gv, gcp, gr, grp, gc, gpm, gx, gg}, &g) || GroupsOf(dx, 2) != g || (dv && GroupsOf(*dv, 1) != g))
     return ffi::Error::InvalidArgument("sparserl sparse matmul: operands' leading (vmap) axes do not match");
   const int64_t padded = batch == 1 ? 1 : PaddedBatch(batch), chunk = batch == 1 ? 1 : ChunkOf(padded);
   for (int64_t i = 0; i < g; ++i) {
@@ -411,16 +384,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
     const int32_t* rp = row_ptr.typed_data<int32_t>() + Groups::Of(grp, i) * (in + 1);
     const int32_t* c = cols.typed_data<int32_t>() + Groups::Of(gc, i) * nnz;
     const int32_t* pm = perm.typed_data<int32_t>() + Groups::Of(gpm, i) * nnz;
+    const float* xi = x ? x->typed_data<float>() + Groups::Of(gx, i) * batch * in : nullptr;
+    const float* gi = gy.typed_data<float>() + Groups::Of(gg, i) * batch * out;
+    float* dxi = dx.typed_data<float>() + i * batch * in;
+    float* dvi = dv ? dv->typed_data<float>() + i * nnz : nullptr;
     if (batch == 1) {
-      BackwardOne(pool, v, cp, r, x.typed_data<float>() + Groups::Of(gx, i) * in,
-                  gy.typed_data<float>() + Groups::Of(gg, i) * out, in, out, dx->typed_data<float>() + i * in,
-                  dv->typed_data<float>() + i * nnz);
+      BackwardOne(pool, v, cp, r, xi, gi, in, out, dxi, dvi);
       continue;
     }
-    const float* xp = Panels(pool, 0, x.typed_data<float>() + Groups::Of(gx, i) * batch * in, batch, in, padded);
-    const float* gp = Panels(pool, 1, gy.typed_data<float>() + Groups::Of(gg, i) * batch * out, batch, out, padded);
-    InputGradient(pool, v, rp, c, pm, gp, padded, batch, in, out, nnz, dx->typed_data<float>() + i * batch * in);
-    float* dvi = dv->typed_data<float>() + i * nnz;
+    const float* gp = Panels(pool, 1, gi, batch, out, padded);
+    InputGradient(pool, v, rp, c, pm, gp, padded, batch, in, out, nnz, dxi);
+    if (!dv) continue;
+    const float* xp = Panels(pool, 0, xi, batch, in, padded);
     int64_t blocks = (out + kBlock - 1) / kBlock;
     for (int64_t b0 = 0; b0 < padded; b0 += chunk) {
       const float* xpanel = xp + (b0 / chunk) * in * chunk;
@@ -437,6 +412,20 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer 
     }
   }
   return ffi::Error::Success();
+}
+
+// The input gradient alone, for a kernel held fixed (e.g. the critic inside the actor's loss): the
+// weight gradient would be computed and thrown away.
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
+                     ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer gy,
+                     ffi::Result<ffi::AnyBuffer> dx) {
+  return BackwardProducts(pool, values, col_ptr, rows, row_ptr, cols, perm, nullptr, gy, *dx, nullptr);
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::AnyBuffer col_ptr, ffi::AnyBuffer rows,
+                    ffi::AnyBuffer row_ptr, ffi::AnyBuffer cols, ffi::AnyBuffer perm, ffi::AnyBuffer x,
+                    ffi::AnyBuffer gy, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dv) {
+  return BackwardProducts(pool, values, col_ptr, rows, row_ptr, cols, perm, &x, gy, *dx, &(*dv));
 }
 
 // ---------------------------------------------------------------------------------------------
